@@ -21,7 +21,9 @@ def tiny_tokenizer(tmp_path_factory):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     path = tmp_path_factory.mktemp("tok") / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    # transformers 5 takes the vocabulary as `vocab` (a dict or a vocab.txt path); `vocab_file=` is ignored.
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(path.parent)
     return tok
 
 
@@ -33,8 +35,7 @@ def tiny_bert_config(vocab_size: int = 64, num_layers: int = 4, hidden: int = 32
         num_attention_heads=heads,
         intermediate_size=2 * hidden,
         max_position_embeddings=64,
-        num_labels=2,
-        **kw,
+        **{"num_labels": 2, **kw},
     )
 
 

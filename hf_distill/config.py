@@ -1,0 +1,236 @@
+"""Configuration: `DistillationConfig(TrainingArguments)`, the scripts' model and data arguments, `LayerMatch`."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+from transformers import TrainingArguments
+
+from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+
+LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
+LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LayerMatch:
+    """One pairing of a teacher layer with a student layer for an intermediate-feature loss.
+
+    Args:
+        teacher_layer: 0-based index of the teacher's transformer block.
+        student_layer: 0-based index of the student's transformer block.
+        feature: `"hidden"` (the block's output hidden states) or `"attention"` (its attention probabilities).
+        loss: name of the loss, a key of `HIDDEN_LOSSES` or `ATTENTION_LOSSES`.
+        weight: relative weight of this pairing inside its term (the term averages its pairings by these weights).
+    """
+
+    teacher_layer: int
+    student_layer: int
+    feature: str
+    loss: str
+    weight: float = 1.0
+
+    @property
+    def key(self) -> str:
+        """Name used for this pairing's projection and in logs, e.g. `hidden_t7_s3`."""
+        return f"{self.feature}_t{self.teacher_layer}_s{self.student_layer}"
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    r"""Configuration of [`DistillationTrainer`]: the usual `TrainingArguments` plus the distillation objective.
+
+    The student is trained on a weighted sum of terms, each logged on its own as `loss_<term>`:
+
+        loss = task_weight * loss_task + logits_weight * loss_logits + hidden_weight * loss_hidden
+             + embeddings_weight * loss_embeddings + attention_weight * loss_attention
+
+    Parameters:
+        temperature (`float`, defaults to `2.0`):
+            Softmax temperature T of the logit term. KL-type logit losses are multiplied by T² (Hinton et al. 2015,
+            https://arxiv.org/abs/1503.02531) so that their gradients keep their scale as T changes.
+        task_weight (`float`, defaults to `0.5`):
+            Weight of the task loss (cross-entropy on the labels; MSE for regression; shifted LM loss for causal LMs).
+        logits_weight (`float`, defaults to `0.5`):
+            Weight of the logit distillation term.
+        hidden_weight (`float`, defaults to `0.0`):
+            Weight of hidden-state matching over the pairings of `layer_mapping`.
+        embeddings_weight (`float`, defaults to `0.0`):
+            Weight of embedding-layer matching (TinyBERT).
+        attention_weight (`float`, defaults to `0.0`):
+            Weight of attention-probability matching over the pairings of `layer_mapping` (TinyBERT, MiniLM).
+        logits_loss (`str`, defaults to `"kl"`):
+            Logit divergence: `kl` (forward KL(teacher||student)), `reverse_kl`, `jsd` (Jensen-Shannon, beta 0.5) or
+            `mse` on raw logits.
+        hidden_loss (`str`, defaults to `"mse"`):
+            Hidden-state loss: `mse` or `cosine` (DistilBERT's cosine embedding loss).
+        attention_loss (`str`, defaults to `"mse"`):
+            Attention loss on probabilities: `mse` (TinyBERT) or `kl` (MiniLM).
+        layer_mapping (`str`, defaults to `"uniform"`):
+            Which teacher layer each student layer is matched with: `uniform` (TinyBERT: student layer m <-> teacher
+            layer (m+1)·N/n - 1), `alternate` (the teacher layers `make_student` copies by default: evenly spaced,
+            first and last included), `last` (last <-> last), or explicit `teacher->student` pairs such as
+            `"1->0,3->1,5->2"`.
+        teacher_dtype (`str`, *optional*):
+            dtype the teacher runs in: `float32`, `bfloat16`, `float16` or `auto` (the checkpoint's). `None` keeps it
+            as loaded.
+    """
+
+    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the logit term (> 0)."})
+    task_weight: float = field(default=0.5, metadata={"help": "Weight of the task loss on the labels."})
+    logits_weight: float = field(default=0.5, metadata={"help": "Weight of the logit distillation term."})
+    hidden_weight: float = field(default=0.0, metadata={"help": "Weight of hidden-state matching."})
+    embeddings_weight: float = field(default=0.0, metadata={"help": "Weight of embedding-layer matching."})
+    attention_weight: float = field(default=0.0, metadata={"help": "Weight of attention-probability matching."})
+    logits_loss: str = field(default="kl", metadata={"help": f"Logit divergence, one of {sorted(LOGIT_LOSSES)}."})
+    hidden_loss: str = field(default="mse", metadata={"help": f"Hidden-state loss, one of {sorted(HIDDEN_LOSSES)}."})
+    attention_loss: str = field(
+        default="mse", metadata={"help": f"Attention loss on probabilities, one of {sorted(ATTENTION_LOSSES)}."}
+    )
+    layer_mapping: str = field(
+        default="uniform",
+        metadata={"help": "Layer pairing: 'uniform', 'alternate', 'last', or explicit pairs like '1->0,3->1'."},
+    )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={"help": f"dtype the teacher runs in, one of {TEACHER_DTYPES}; None keeps it as loaded."},
+    )
+
+    def __post_init__(self):
+        # The trainer computes its own loss from the logits; the labels column must reach compute_loss and
+        # prediction_step must return labels for metrics, whatever the model's forward signature says.
+        if self.label_names is None:
+            self.label_names = ["labels"]
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}. Use e.g. 2.0.")
+        for name in LOSS_WEIGHT_FIELDS:
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}. Set it to 0 to switch the term off.")
+        if all(getattr(self, name) == 0 for name in LOSS_WEIGHT_FIELDS):
+            raise ValueError(
+                f"all loss weights are 0 ({', '.join(LOSS_WEIGHT_FIELDS)}): nothing to train. "
+                "Set e.g. task_weight=0.5 and logits_weight=0.5."
+            )
+        for name, table in (
+            ("logits_loss", LOGIT_LOSSES),
+            ("hidden_loss", HIDDEN_LOSSES),
+            ("attention_loss", ATTENTION_LOSSES),
+        ):
+            value = getattr(self, name)
+            if value not in table:
+                raise ValueError(f"{name} must be one of {sorted(table)}, got {value!r}.")
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(
+                f"teacher_dtype must be one of {TEACHER_DTYPES} or None, got {self.teacher_dtype!r}. "
+                "Use 'bfloat16' to halve the teacher's memory on GPUs that support it."
+            )
+        parse_layer_mapping(self.layer_mapping)  # syntax check; ranges are checked against the models later
+
+    @property
+    def needs_layer_mapping(self) -> bool:
+        return self.hidden_weight > 0 or self.attention_weight > 0
+
+
+def parse_layer_mapping(value: str) -> str | list[tuple[int, int]]:
+    """Parse `layer_mapping`: a strategy name, or explicit `teacher->student` pairs, into a name or a pair list."""
+    if value in LAYER_MAPPING_STRATEGIES:
+        return value
+    pairs = []
+    for item in str(value).replace(" ", "").split(","):
+        sep = "->" if "->" in item else ":"
+        parts = item.split(sep)
+        if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
+            raise ValueError(
+                f"layer_mapping must be one of {LAYER_MAPPING_STRATEGIES} or teacher->student pairs like "
+                f"'1->0,3->1', got {value!r} (could not read {item!r})."
+            )
+        pairs.append((int(parts[0]), int(parts[1])))
+    return pairs
+
+
+@dataclass
+class ModelArguments:
+    """Which teacher to distill, into which student."""
+
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher: a Hub id or a local directory with a fine-tuned model."}
+    )
+    student_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "An existing student (Hub id or directory). None builds one from the teacher's layers."},
+    )
+    student_num_layers: int | None = field(
+        default=None, metadata={"help": "Depth of the student built from the teacher (default: half the teacher)."}
+    )
+    student_layers: str | None = field(
+        default=None,
+        metadata={"help": "Teacher layers copied into the student, e.g. '0,2,4' (default: evenly spaced)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer shared by teacher and student (default: the teacher's)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and how to tokenize it."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, e.g. 'glue'."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Its configuration, e.g. 'sst2'."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    eval_split: str = field(default="validation", metadata={"help": "Split used for evaluation."})
+    text_column: str = field(default="sentence", metadata={"help": "Column with the text."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
+    label_column: str = field(default="label", metadata={"help": "Column with the integer label."})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (longer ones are cut)."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use a fixed shuffled subset of this many training rows (seeded by `seed`)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
+
+    def __post_init__(self):
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}. Use e.g. 128.")
+
+
+SCRIPT_DATACLASSES = (ModelArguments, DataArguments, DistillationConfig)
+
+
+def check_recipe_keys(recipe: dict[str, Any], dataclass_types=SCRIPT_DATACLASSES, source: str = "recipe") -> None:
+    """Raise a ValueError for keys no dataclass knows, suggesting the closest valid key."""
+    valid = {f.name for dc in dataclass_types for f in fields(dc) if f.init}
+    unknown = [k for k in recipe if k not in valid]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise ValueError(
+            f"unknown key(s) in {source}: {', '.join(hints)}. Valid keys are the fields of "
+            f"{', '.join(dc.__name__ for dc in dataclass_types)}."
+        )
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe YAML (a flat mapping of dataclass fields) and check its keys."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--config {path!r} does not exist. Recipes live under recipes/, e.g. "
+            "recipes/minilm_to_minilm-l3/distilbert.yaml."
+        )
+    with open(path, encoding="utf-8") as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} must be a mapping of field: value, got {type(recipe).__name__}.")
+    check_recipe_keys(recipe, source=str(path))
+    return recipe

@@ -1,0 +1,100 @@
+"""Evaluation: metrics through `evaluate` (loaded from modules shipped in this package), agreement, latency."""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+
+
+def load_metric(name: str = "accuracy"):
+    """`evaluate.load` of a metric shipped with hf-distill (works offline: it is loaded by path, not from the Hub)."""
+    import evaluate
+
+    path = METRICS_DIR / name
+    if not path.is_dir():
+        raise ValueError(
+            f"metric {name!r} is not shipped with hf-distill; "
+            f"available: {sorted(p.name for p in METRICS_DIR.iterdir())}."
+        )
+    return evaluate.load(str(path))
+
+
+def classification_metrics():
+    """A `compute_metrics` for `Trainer`: accuracy of the argmax of the logits."""
+    metric = load_metric("accuracy")
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        predictions = np.asarray(logits).argmax(-1)
+        return metric.compute(predictions=predictions, references=np.asarray(labels))
+
+    return compute_metrics
+
+
+@torch.no_grad()
+def measure_latency(model, batch: dict[str, torch.Tensor], *, runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time in seconds of `model(**batch)` over `runs` timed forward passes after `warmup` untimed ones."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}. Use at least 20 for a stable median.")
+    model.eval()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    for _ in range(warmup):
+        model(**batch)
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, collator, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of `model` over a tokenized dataset (columns input_ids, attention_mask, ..., labels)."""
+    model.eval()
+    device = next(model.parameters()).device
+    accepted = set(inspect.signature(model.forward).parameters)
+    logits, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        labels.append(batch["labels"].numpy())
+        inputs = {k: v.to(device) for k, v in batch.items() if k in accepted and k != "labels"}
+        logits.append(model(**inputs).logits.float().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def evaluate_model(model, dataset, collator, *, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy of a classifier on a tokenized dataset, through the shipped `evaluate` accuracy module."""
+    logits, labels = predict_logits(model, dataset, collator, batch_size=batch_size)
+    return load_metric("accuracy").compute(predictions=logits.argmax(-1), references=labels)
+
+
+def latency_batch(dataset, collator, batch_size: int, model=None) -> dict[str, torch.Tensor]:
+    """A real padded batch of the first `batch_size` rows (without labels), restricted to what `model` accepts."""
+    batch = collator([dataset[i % len(dataset)] for i in range(batch_size)])
+    batch.pop("labels", None)
+    if model is not None:
+        accepted = set(inspect.signature(model.forward).parameters)
+        batch = {k: v for k, v in batch.items() if k in accepted}
+    return dict(batch)
+
+
+def measure_speedup(teacher, student, dataset, collator, *, batch_size: int = 32, runs: int = 20) -> float:
+    """Teacher latency / student latency (medians of `runs` forward passes) on the same real batch."""
+    t = measure_latency(teacher, latency_batch(dataset, collator, batch_size, teacher), runs=runs)
+    s = measure_latency(student, latency_batch(dataset, collator, batch_size, student), runs=runs)
+    return t / s

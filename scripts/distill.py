@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Distil a fine-tuned teacher into a student built from its layers (or a given student).
+
+    accelerate launch scripts/distill.py --config recipes/bert-base_to_bert-6l/distilbert.yaml [--field value ...]
+
+Values given on the command line override those of the recipe. Everything but the order of the stages lives in the
+`hf_distill` package.
+"""
+
+import logging
+import os
+import shutil
+import sys
+
+import transformers
+from transformers import DataCollatorWithPadding, HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_distill import (
+    DataArguments,
+    DistillationConfig,
+    DistillationTrainer,
+    ModelArguments,
+    classification_metrics,
+    load_or_make_student,
+    load_recipe,
+    load_task_dataset,
+    load_teacher,
+    model_card,
+    num_labels_of,
+    push_student,
+    tokenize_dataset,
+)
+from hf_distill.evaluation import evaluate_model, measure_speedup
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str]):
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationConfig))
+    recipe_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        recipe_path = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
+        # The recipe provides defaults; anything on the command line wins.
+        parser.set_defaults(**load_recipe(recipe_path))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args, recipe_path
+
+
+def main(argv: list[str] | None = None):
+    # ------------------------------------------------------------------ args
+    model_args, data_args, training_args, recipe_path = parse_args(sys.argv[1:] if argv is None else argv)
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the student folder alone, at the end
+
+    # ------------------------------------------------------------------ logging
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    # ------------------------------------------------------------------ data
+    raw = load_task_dataset(data_args, seed=training_args.seed)
+    logger.info("data: %s", {split: len(d) for split, d in raw.items()})
+
+    # ------------------------------------------------------------------ models
+    teacher, tokenizer = load_teacher(model_args, num_labels=num_labels_of(raw, data_args.label_column))
+    student = load_or_make_student(model_args, teacher)
+
+    # ------------------------------------------------------------------ tokenize (once, for both models)
+    with training_args.main_process_first(desc="tokenize"):
+        ds = tokenize_dataset(raw, tokenizer, data_args)
+
+    # ------------------------------------------------------------------ trainer
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=ds["train"],
+        eval_dataset=ds.get("eval"),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=classification_metrics(),
+    )
+
+    # ------------------------------------------------------------------ train (resumes from the last checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if resume is None and os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
+        resume = get_last_checkpoint(training_args.output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+
+    # ------------------------------------------------------------------ save the student alone (temp dir, then rename)
+    student_dir = os.path.join(training_args.output_dir, "student")
+    if trainer.is_world_process_zero():
+        tmp = student_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(student_dir + ".tmp")
+
+    # ------------------------------------------------------------------ evaluate
+    metrics = {}
+    if "eval" in ds:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero():
+        card_metrics = {"student_accuracy": metrics.get("eval_accuracy")}
+        if "eval" in ds:
+            collator = DataCollatorWithPadding(tokenizer)
+            card_metrics["teacher_accuracy"] = evaluate_model(teacher, ds["eval"], collator)["accuracy"]
+            card_metrics["speedup_batch32"] = measure_speedup(teacher, trainer.model, ds["eval"], collator)
+            logger.info("teacher vs student: %s", card_metrics)
+        with open(os.path.join(student_dir + ".tmp", "README.md"), "w", encoding="utf-8") as f:
+            f.write(
+                model_card(
+                    teacher=model_args.teacher_model_name_or_path,
+                    recipe=os.path.basename(recipe_path) if recipe_path else "command line",
+                    dataset=data_args.dataset_name or data_args.train_file,
+                    student_params=trainer.model.num_parameters(),
+                    teacher_params=teacher.num_parameters(),
+                    metrics=card_metrics,
+                )
+            )
+        shutil.rmtree(student_dir, ignore_errors=True)
+        os.replace(student_dir + ".tmp", student_dir)
+        logger.info("student saved to %s", student_dir)
+
+    # ------------------------------------------------------------------ push
+    if push and trainer.is_world_process_zero():
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        logger.info("pushed: %s", push_student(student_dir, repo_id, token=training_args.hub_token))
+
+
+if __name__ == "__main__":
+    main()
