@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None):
 
     # ------------------------------------------------------------------ train (resumes from the last checkpoint)
     resume = training_args.resume_from_checkpoint
-    if resume is None and os.path.isdir(training_args.output_dir) and not training_args.overwrite_output_dir:
-        resume = get_last_checkpoint(training_args.output_dir)
+    if resume is None and os.path.isdir(training_args.output_dir):
+        resume = get_last_checkpoint(training_args.output_dir)  # an interrupted run picks up where it stopped
     if resume:
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
