@@ -2,12 +2,13 @@
 
 import os
 
-import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
+# Before transformers/huggingface_hub are imported: they read these once. Tests never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast  # noqa: E402
 
 WORDS = (
     "the a an is was it this that movie film good bad great awful fun boring not very really plot actors "
