@@ -84,6 +84,7 @@ class DistillationTrainer(Trainer):
                 teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
         _preflight_models(teacher_model, model, args)
         _preflight_tokenizers(processing_class, teacher_processing_class)
+        _preflight_segment_ids(train_dataset, processing_class, teacher_model, model)
 
         super().__init__(
             model=model,
@@ -406,6 +407,36 @@ def _preflight_models(teacher: PreTrainedModel, student: PreTrainedModel, args: 
             f"logits_weight={args.logits_weight} needs models with a head, got teacher {t_head} and student {s_head}. "
             "Load task models (e.g. AutoModelForSequenceClassification) or set logits_weight=0."
         )
+
+
+def _preflight_segment_ids(dataset, tokenizer, teacher: PreTrainedModel, student: PreTrainedModel) -> None:
+    """`token_type_ids` must reach the models that use segment ids, and are dropped (with a warning) for the others."""
+    columns = getattr(dataset, "column_names", None)
+    if not columns or "input_ids" not in columns:
+        return
+    users = [
+        (role, m)
+        for role, m in (("teacher", teacher), ("student", student))
+        if "token_type_ids" in forward_arg_names(m) and getattr(m.config, "type_vocab_size", 1) > 1
+    ]
+    if "token_type_ids" not in columns:
+        makes_segments = tokenizer is not None and "token_type_ids" in tokenizer("a", "b")
+        if users and makes_segments:
+            role, m = users[0]
+            raise ValueError(
+                f"train_dataset has no token_type_ids column, but the {role} ({m.config.model_type}) reads "
+                "segment ids "
+                "and the tokenizer produces them. Keep the token_type_ids column the tokenizer returns (do not drop "
+                "it in map), so text pairs keep their segments."
+            )
+        return
+    segmented = any(any(t != 0 for t in row) for row in dataset[: min(len(dataset), 64)]["token_type_ids"])
+    for role, m in (("teacher", teacher), ("student", student)):
+        if segmented and "token_type_ids" not in forward_arg_names(m):
+            logger.warning(
+                f"the data has token_type_ids (text pairs) but the {role} ({m.config.model_type}) takes none: it "
+                "sees the pair without segment ids, as DistilBERT does."
+            )
 
 
 def _preflight_tokenizers(student_tok, teacher_tok) -> None:

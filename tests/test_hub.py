@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import tiny_bert_config
 from transformers import BertForSequenceClassification
 
-from conftest import tiny_bert_config
 from hf_distill import ModelArguments, load_teacher, model_card, push_student
 
 

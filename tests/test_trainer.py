@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from conftest import WORDS, tiny_bert_config
 from datasets import Dataset
@@ -146,3 +147,40 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, tiny_tokenizer):
         results.append({k: v.detach().clone() for k, v in trainer.model.named_parameters()})
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_columns_only_the_teacher_reads_survive_remove_unused_columns(tmp_path, tiny_teacher, tiny_tokenizer):
+    """A BERT teacher reads token_type_ids; a DistilBERT student does not. The column must reach compute_loss."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    student = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    )
+    trainer = make_trainer(
+        tmp_path,
+        tiny_teacher,
+        student,
+        tiny_tokenizer,
+        hidden_weight=0.0,
+        embeddings_weight=0.0,
+        attention_weight=0.0,
+        max_steps=1,
+    )
+    dataset = tiny_dataset(tiny_tokenizer).add_column("unused", list(range(32)))
+    kept = trainer._remove_unused_columns(dataset)
+    assert "token_type_ids" in kept.column_names and "unused" not in kept.column_names
+    trainer.train()
+
+
+def test_missing_segment_ids_for_a_model_that_reads_them_is_refused(
+    tmp_path, tiny_teacher, tiny_student, tiny_tokenizer
+):
+    dataset = tiny_dataset(tiny_tokenizer).remove_columns("token_type_ids")
+    with pytest.raises(ValueError, match="no token_type_ids column, but the teacher \\(bert\\) reads segment ids"):
+        DistillationTrainer(
+            model=tiny_student,
+            teacher_model=tiny_teacher,
+            args=DistillationConfig(output_dir=str(tmp_path)),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
