@@ -1,0 +1,231 @@
+"""scripts/benchmark.py and hf_distill.benchmark: pure helpers (fast) and the whole pipeline on tiny models (slow)."""
+
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_bert_config
+from transformers import BertForSequenceClassification, Trainer
+
+from hf_distill.benchmark import (
+    RESULT_KEYS,
+    STAGE_FILE,
+    check_baseline_recipe,
+    fingerprint,
+    format_table,
+    load_benchmark_config,
+    run_stage,
+    split_budget,
+    total_train_steps,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SST2 = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "sst2"))
+RECIPES = os.path.join(REPO, "recipes", "minilm-sst2_to_minilm-l3")
+BENCHMARKS = sorted(glob.glob(os.path.join(REPO, "benchmarks", "*.yaml")))
+
+
+# ---------------------------------------------------------------------------------------------------- fast: helpers
+@pytest.mark.parametrize(
+    "total, stages, expected",
+    [(125, 1, [125]), (125, 2, [63, 62]), (6, 3, [2, 2, 2]), (7, 3, [3, 2, 2]), (2, 2, [1, 1])],
+)
+def test_split_budget(total, stages, expected):
+    assert split_budget(total, stages) == expected
+    assert sum(split_budget(total, stages)) == total
+
+
+def test_split_budget_too_small():
+    with pytest.raises(ValueError, match="cannot be split over 3 stages"):
+        split_budget(2, 3)
+
+
+@pytest.mark.parametrize("rows, batch, epochs, expected", [(4000, 32, 1, 125), (100, 32, 1, 4), (100, 32, 2.5, 10)])
+def test_total_train_steps(rows, batch, epochs, expected):
+    assert total_train_steps(rows, batch, epochs) == expected
+
+
+def test_format_table():
+    rows = [
+        {"name": "teacher", "recipes": ["fine-tune"], "accuracy": 0.8591, "accuracy_kept_pct": 100.0,
+         "params": 22_713_216, "size_mb": 90.9, "latency_b1_ms": 9.87, "latency_b32_ms": 301.2, "speedup_b1": 1.0,
+         "speedup_b32": 1.0, "train_steps": 125, "train_seconds": 120.4},
+        {"name": "tinybert", "recipes": ["tinybert_stage1", "tinybert_stage2"], "accuracy": 0.8440,
+         "accuracy_kept_pct": 98.24, "delta_vs_baseline_pts": -0.5, "params": 17_390_000, "size_mb": 69.6,
+         "latency_b1_ms": 5.0, "latency_b32_ms": 150.6, "speedup_b1": 1.974, "speedup_b32": 2.0, "train_steps": 125,
+         "train_seconds": 99.0},
+    ]  # fmt: skip
+    lines = format_table(rows).splitlines()
+    assert len(lines) == 4
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert lines[1].startswith("|---|")
+    assert (
+        "| teacher | fine-tune | 85.91 | 100.0 | - | 22.7 | 90.9 | 9.9 | 301.2 | 1.00× | 1.00× | 125 | 120 |" in lines
+    )
+    assert "| tinybert | tinybert_stage1 → tinybert_stage2 | 84.40 | 98.2 | -0.50 |" in lines[3]
+
+
+def test_run_stage_runs_once_then_reuses(tmp_path):
+    calls = []
+
+    def work(tmp):
+        calls.append(tmp)
+        (tmp / "weights.bin").write_text("w")
+        return {"status": "trained", "global_step": 3}
+
+    spec = {"stage": "x", "lr": 1e-4}
+    first = run_stage(tmp_path / "x", spec, work)
+    assert (first.status, len(calls)) == ("trained", 1)
+    assert (tmp_path / "x" / "weights.bin").is_file() and not (tmp_path / "x.tmp").exists()
+    mtime = os.stat(tmp_path / "x" / STAGE_FILE).st_mtime_ns
+    again = run_stage(tmp_path / "x", spec, work)
+    assert (again.status, len(calls), again.info["global_step"]) == ("reused", 1, 3)
+    assert os.stat(tmp_path / "x" / STAGE_FILE).st_mtime_ns == mtime
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['lr'\]\)"):
+        run_stage(tmp_path / "x", {**spec, "lr": 2e-4}, work)
+
+
+def test_run_stage_interrupted_leaves_no_folder(tmp_path):
+    def crash(tmp):
+        (tmp / "half-written").write_text("?")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path / "x", {"stage": "x"}, crash, cleanup=[tmp_path / "x.checkpoints"])
+    assert not (tmp_path / "x").exists()  # never mistaken for a finished stage
+    result = run_stage(tmp_path / "x", {"stage": "x"}, lambda tmp: None)
+    assert result.status == "done" and not (tmp_path / "x" / "half-written").exists()
+
+
+def test_fingerprint_is_order_independent():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=[os.path.basename(p) for p in BENCHMARKS])
+def test_shipped_benchmarks_load(path):
+    config = load_benchmark_config(path)
+    check_baseline_recipe(os.path.join(REPO, config.baseline_recipe))
+    for recipes in config.rows.values():
+        for recipe in recipes:
+            assert os.path.isfile(os.path.join(REPO, recipe)), recipe
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"temprature": 2}, "unknown key"),
+        ({"latency_runs": 5}, "latency_runs must be >= 20"),
+        ({"rows": {}}, "rows must map row names"),
+        ({"rows": {"teacher": ["x.yaml"]}}, "is taken"),
+        ({"baseline_recipe": None}, "baseline_recipe is required"),
+        ({"validation_file": None}, "train_file and validation_file go together"),
+    ],
+)
+def test_bad_benchmark_config(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_benchmark_config(os.path.join(REPO, "benchmarks", "sst2_minilm_l3.yaml"), override)
+
+
+def test_baseline_recipe_must_be_task_only(tmp_path):
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump({"teacher_model_name_or_path": "t", "task_weight": 0.5, "logits_weight": 0.5}))
+    with pytest.raises(ValueError, match="every other weight 0"):
+        check_baseline_recipe(path)
+
+
+# ---------------------------------------------------------------------------------------------------- slow: end to end
+def _load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", os.path.join(REPO, "scripts", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stage_mtimes(out):
+    return {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "**", STAGE_FILE), recursive=True)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(SST2, "train.tsv")), reason=f"real SST-2 files not found at {SST2} (../shared)"
+)
+def test_benchmark_end_to_end_resume_and_reuse(tmp_path, tiny_tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config(num_layers=4, hidden=32))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "out"
+    config = {
+        "name": "tiny",
+        "output_dir": str(out),
+        "teacher_model_name_or_path": str(tmp_path / "teacher"),
+        "teacher_learning_rate": 1e-3,
+        "train_file": os.path.join(SST2, "train.tsv"),
+        "validation_file": os.path.join(SST2, "dev.tsv"),
+        "max_length": 32,
+        "max_train_samples": 192,  # 6 steps at batch 32; TinyBERT: 3 + 3
+        "max_eval_samples": 96,
+        "student_num_layers": 2,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "baseline_recipe": os.path.join(RECIPES, "no_kd.yaml"),
+        "rows": {
+            "vanilla_kd": [os.path.join(RECIPES, "vanilla_kd.yaml")],
+            "distilbert": [os.path.join(RECIPES, "distilbert.yaml")],
+            "tinybert": [os.path.join(RECIPES, "tinybert_stage1.yaml"), os.path.join(RECIPES, "tinybert_stage2.yaml")],
+        },
+    }
+    config_path = tmp_path / "bench.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    script = _load_script()
+
+    # Run 1 is interrupted during the teacher's fine-tuning, after its checkpoint at step 2.
+    original_step, calls = Trainer.training_step, []
+
+    def interrupted_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--config", str(config_path)])
+    monkeypatch.setattr(Trainer, "training_step", original_step)
+    assert not (out / "teacher").exists()
+    assert (out / "teacher.checkpoints" / "checkpoint-2").is_dir()
+
+    # Run 2 resumes the teacher from that checkpoint and runs every other stage.
+    results = script.main(["--config", str(config_path)])
+    status = {os.path.relpath(s["path"], out): s["status"] for s in results["stages"]}
+    assert status["teacher"] == "resumed"
+    assert status["rows/tinybert/2-tinybert_stage2"] == "trained"
+    assert not (out / "teacher.checkpoints").exists()  # deleted once the stage finished
+
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ["teacher", "no_kd", "vanilla_kd", "distilbert", "tinybert"]
+    for row in saved["rows"]:
+        assert set(RESULT_KEYS) <= set(row), set(RESULT_KEYS) - set(row)
+        assert 0 <= row["accuracy"] <= 1 and row["params"] > 0 and row["size_mb"] > 0
+        assert row["latency_b1_ms"] > 0 and row["latency_b32_ms"] > 0 and row["speedup_b32"] > 0
+    assert {r["train_steps"] for r in saved["rows"][1:]} == {6}  # same budget for every student row
+    assert saved["rows"][0]["accuracy_kept_pct"] == pytest.approx(100.0)
+    assert [s["steps"] for s in saved["rows"][-1]["stages"]] == [3, 3]
+    for path in saved["plots"].values():
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| tinybert | tinybert_stage1 → tinybert_stage2 |" in (out / "results.md").read_text()
+    history = json.loads((out / "rows" / "distilbert" / "1-distilbert" / "log_history.json").read_text())
+    assert {"loss_task", "loss_logits", "loss_hidden"} <= set().union(*history)
+
+    # Run 3 reuses every finished stage and rewrites none of them.
+    mtimes = _stage_mtimes(out)
+    again = script.main(["--config", str(config_path)])
+    assert {s["status"] for s in again["stages"]} == {"reused"}
+    assert _stage_mtimes(out) == mtimes
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in saved["rows"]]
