@@ -38,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import DataArguments, DistillationConfig, ModelArguments, load_recipe
 from .data import load_task_dataset, num_labels_of, tokenize_dataset
-from .evaluation import latency_batch, load_metric, measure_latency, predict_logits
+from .evaluation import LATENCY_BATCH_SIZES, load_metric, measure_latencies, predict_logits
 from .models import load_teacher
 from .student import make_student
 from .trainer import DistillationTrainer
@@ -73,7 +72,6 @@ METRICS_FILE = "metrics.json"
 LOG_HISTORY_FILE = "log_history.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 LOSS_TERMS = ("task", "logits", "hidden", "embeddings", "attention")
-LATENCY_BATCH_SIZES = (1, 32)
 # Training arguments the benchmark sets for every stage, whatever a recipe says: they define the budget (same for every
 # row) or the bookkeeping (where checkpoints go, no evaluation during training, so nothing is picked by dev score).
 BENCHMARK_OWNED_KEYS = (
@@ -823,32 +821,6 @@ def evaluate_saved_model(model_dir, dataset, collator, *, batch_size: int = 64, 
         "size_mb": _dir_size_mb(Path(model_dir)),
         "eval_rows": len(dataset),
     }
-
-
-def measure_latencies(
-    models: dict[str, torch.nn.Module], dataset, collator, *, runs: int = 20, warmup: int = 3
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
-    """Median CPU latency (ms) of each model at batch 1 and 32 of real dev rows, timed round-robin.
-
-    Each round times every model once, in turn, so a burst of load from other processes on a shared machine slows all
-    models alike instead of one model's whole measurement; the medians over `runs` rounds (after `warmup` untimed
-    rounds) are then comparable, and so are the speed-ups. Returns the medians and every timing (ms).
-    """
-    medians: dict[str, dict[str, float]] = {name: {} for name in models}
-    timings: dict[str, dict[str, list[float]]] = {name: {} for name in models}
-    for batch_size in LATENCY_BATCH_SIZES:
-        batches = {name: latency_batch(dataset, collator, batch_size, model) for name, model in models.items()}
-        for name, model in models.items():
-            for _ in range(warmup):
-                measure_latency(model, batches[name], runs=1, warmup=0)
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for _ in tqdm(range(runs), desc=f"latency batch {batch_size} ({len(models)} models)", unit="round"):
-            for name, model in models.items():
-                times[name].append(1000 * measure_latency(model, batches[name], runs=1, warmup=0))
-        for name in models:
-            medians[name][f"latency_b{batch_size}_ms"] = statistics.median(times[name])
-            timings[name][f"b{batch_size}"] = times[name]
-    return medians, timings
 
 
 def add_relative_metrics(rows: list[dict[str, Any]], baseline: str) -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 METRICS_DIR = Path(__file__).parent / "metrics"
+LATENCY_BATCH_SIZES = (1, 32)
 
 
 def load_metric(name: str = "accuracy"):
@@ -93,8 +95,42 @@ def latency_batch(dataset, collator, batch_size: int, model=None) -> dict[str, t
     return dict(batch)
 
 
+def measure_latencies(
+    models: dict[str, torch.nn.Module],
+    dataset,
+    collator,
+    *,
+    batch_sizes: tuple[int, ...] = LATENCY_BATCH_SIZES,
+    runs: int = 20,
+    warmup: int = 3,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+    """Median latency (ms) of each model at each of `batch_sizes` (default 1 and 32) of real rows, timed round-robin.
+
+    Each round times every model once, in turn, so a burst of load from other processes on a shared machine slows all
+    models alike instead of one model's whole measurement; the medians over `runs` rounds (after `warmup` untimed
+    rounds) are then comparable, and so are the speed-ups. Returns the medians and every timing (ms).
+    """
+    medians: dict[str, dict[str, float]] = {name: {} for name in models}
+    timings: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    for batch_size in batch_sizes:
+        batches = {name: latency_batch(dataset, collator, batch_size, model) for name, model in models.items()}
+        for name, model in models.items():
+            for _ in range(warmup):
+                measure_latency(model, batches[name], runs=1, warmup=0)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in tqdm(range(runs), desc=f"latency batch {batch_size} ({len(models)} models)", unit="round"):
+            for name, model in models.items():
+                times[name].append(1000 * measure_latency(model, batches[name], runs=1, warmup=0))
+        for name in models:
+            medians[name][f"latency_b{batch_size}_ms"] = statistics.median(times[name])
+            timings[name][f"b{batch_size}"] = times[name]
+    return medians, timings
+
+
 def measure_speedup(teacher, student, dataset, collator, *, batch_size: int = 32, runs: int = 20) -> float:
-    """Teacher latency / student latency (medians of `runs` forward passes) on the same real batch."""
-    t = measure_latency(teacher, latency_batch(dataset, collator, batch_size, teacher), runs=runs)
-    s = measure_latency(student, latency_batch(dataset, collator, batch_size, student), runs=runs)
-    return t / s
+    """Teacher latency / student latency: medians of `runs` rounds timing both, in turn, on the same real rows."""
+    medians, _ = measure_latencies(
+        {"teacher": teacher, "student": student}, dataset, collator, batch_sizes=(batch_size,), runs=runs
+    )
+    key = f"latency_b{batch_size}_ms"
+    return medians["teacher"][key] / medians["student"][key]
