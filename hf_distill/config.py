@@ -15,6 +15,7 @@ from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_CACHE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,23 @@ class DistillationConfig(TrainingArguments):
         teacher_dtype (`str`, *optional*):
             dtype the teacher runs in: `float32`, `bfloat16`, `float16` or `auto` (the checkpoint's). `None` keeps it
             as loaded.
+        use_teacher_cache (`bool`, defaults to `False`):
+            Run the teacher over `train_dataset` once, store its outputs on disk (Arrow, see `hf_distill.cache`) and
+            train from them without any teacher forward pass. The cache is keyed by the teacher's weights and
+            config, the tokenizer, the data, and what is cached, and reused across epochs and runs. Evaluation still
+            runs the teacher.
+        teacher_cache_dir (`str`, *optional*):
+            Parent directory of teacher caches, one sub-directory per fingerprint. `None` means
+            `<output_dir>/teacher_cache`; point several runs at one directory to share caches.
+        teacher_cache_top_k (`int`, *optional*):
+            Cache only the teacher's k largest logits per position (for large vocabularies). The logit term then uses
+            the teacher's distribution renormalised over those k entries; needs `logits_loss` `kl` or `jsd`.
+        teacher_cache_dtype (`str`, defaults to `"float16"`):
+            Storage dtype of cached hidden states, embeddings and attention maps: `float16` or `float32`.
+        teacher_cache_attentions (`bool`, defaults to `False`):
+            Also cache the attention maps of the matched teacher layers, needed for `attention_weight > 0` with the
+            cache. Off by default because each costs heads x L x L values per layer per row (96 KiB in float16 for
+            12 heads at L = 64), against L x hidden for a hidden state.
     """
 
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the logit term (> 0)."})
@@ -99,6 +117,26 @@ class DistillationConfig(TrainingArguments):
     teacher_dtype: str | None = field(
         default=None,
         metadata={"help": f"dtype the teacher runs in, one of {TEACHER_DTYPES}; None keeps it as loaded."},
+    )
+    use_teacher_cache: bool = field(
+        default=False,
+        metadata={"help": "Compute the teacher's outputs on train_dataset once, cache them on disk, train from them."},
+    )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Parent dir of teacher caches, one per fingerprint (None: <output_dir>/teacher_cache)."},
+    )
+    teacher_cache_top_k: int | None = field(
+        default=None,
+        metadata={"help": "Cache only the teacher's k largest logits per position (large vocabularies); None: all."},
+    )
+    teacher_cache_dtype: str = field(
+        default="float16",
+        metadata={"help": f"Storage dtype of cached hidden states and attention maps, one of {TEACHER_CACHE_DTYPES}."},
+    )
+    teacher_cache_attentions: bool = field(
+        default=False,
+        metadata={"help": "Also cache the matched layers' attention maps (heads x L x L per layer per row: large)."},
     )
 
     def __post_init__(self):
@@ -132,6 +170,34 @@ class DistillationConfig(TrainingArguments):
                 "Use 'bfloat16' to halve the teacher's memory on GPUs that support it."
             )
         parse_layer_mapping(self.layer_mapping)  # syntax check; ranges are checked against the models later
+        self._check_teacher_cache()
+
+    def _check_teacher_cache(self) -> None:
+        if self.teacher_cache_top_k is not None and self.teacher_cache_top_k < 1:
+            raise ValueError(
+                f"teacher_cache_top_k must be >= 1 or None, got {self.teacher_cache_top_k}. Use e.g. 64, or None to "
+                "cache all logits."
+            )
+        if self.teacher_cache_dtype not in TEACHER_CACHE_DTYPES:
+            raise ValueError(
+                f"teacher_cache_dtype must be one of {TEACHER_CACHE_DTYPES}, got {self.teacher_cache_dtype!r}. "
+                "Use 'float16' to halve the cache's size."
+            )
+        if not self.use_teacher_cache:
+            return
+        top_k = self.teacher_cache_top_k
+        if top_k is not None and self.logits_weight > 0 and self.logits_loss in ("reverse_kl", "mse"):
+            raise ValueError(
+                f"teacher_cache_top_k={top_k} keeps only the teacher's top-k logits, on which "
+                f"logits_loss={self.logits_loss!r} is not defined (reverse KL is infinite outside the top-k, MSE "
+                "needs every logit). Use logits_loss='kl' or 'jsd', or teacher_cache_top_k=None."
+            )
+        if self.attention_weight > 0 and not self.teacher_cache_attentions:
+            raise ValueError(
+                f"attention_weight={self.attention_weight} with use_teacher_cache=True needs the teacher's attention "
+                "maps, which are not cached by default (heads x L x L per matched layer per row). Set "
+                "teacher_cache_attentions=True to cache them, or attention_weight=0, or use_teacher_cache=False."
+            )
 
     @property
     def needs_layer_mapping(self) -> bool:
@@ -226,7 +292,7 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--config {path!r} does not exist. Recipes live under recipes/, e.g. "
-            "recipes/minilm_to_minilm-l3/distilbert.yaml."
+            "recipes/minilm-sst2_to_minilm-l3/distilbert.yaml."
         )
     with open(path, encoding="utf-8") as f:
         recipe = yaml.safe_load(f) or {}

@@ -8,11 +8,21 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
+from .cache import (
+    TeacherCache,
+    TeacherCacheCollator,
+    TeacherCacheSpec,
+    attach_teacher_cache,
+    build_teacher_cache,
+    cached_teacher_features,
+    has_cached_teacher,
+)
 from .config import DistillationConfig, LayerMatch
 from .features import check_attention_compatible, forward_with_features
 from .layer_mapping import build_layer_matches, build_projections, hidden_size
@@ -136,15 +146,57 @@ class DistillationTrainer(Trainer):
         self._student_inputs = forward_arg_names(model)
         self._shift_labels = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.teacher_cache: TeacherCache | None = None
+        if args.use_teacher_cache and self.train_dataset is not None:
+            self.teacher_cache = self._attach_teacher_cache()
 
     # ---------------------------------------------------------------- data plumbing
+    def _attach_teacher_cache(self) -> TeacherCache | None:
+        """Build or look up the teacher cache of train_dataset; train from it (see `hf_distill.cache`)."""
+        args = self.args
+        if not isinstance(self.train_dataset, Dataset):
+            raise ValueError(
+                f"use_teacher_cache=True needs train_dataset to be a datasets.Dataset, got "
+                f"{type(self.train_dataset).__name__}. Pass a datasets.Dataset or set use_teacher_cache=False."
+            )
+        if not any(getattr(args, f"{t}_weight") > 0 for t in TERMS if t != "task"):
+            return None  # nothing of the teacher's is used
+        spec = TeacherCacheSpec(
+            logits=args.logits_weight > 0,
+            top_k=args.teacher_cache_top_k,
+            hidden_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "hidden"],
+            attention_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "attention"],
+            embeddings=args.embeddings_weight > 0,
+            dtype=args.teacher_cache_dtype,
+        )
+        padding_side = getattr(self.processing_class, "padding_side", None) or "right"
+        with args.main_process_first(desc="teacher cache"):
+            cache = build_teacher_cache(
+                self.teacher,
+                self.train_dataset,
+                self.data_collator,
+                cache_dir=args.teacher_cache_dir or os.path.join(args.output_dir, "teacher_cache"),
+                spec=spec,
+                tokenizer=self.processing_class,
+                batch_size=args.per_device_eval_batch_size,
+                padding_side=padding_side,
+            )
+        # The cache was keyed by this very dataset's contents, so attaching it needs no second hash.
+        self.train_dataset = attach_teacher_cache(self.train_dataset, cache, verify=False)
+        self.data_collator = TeacherCacheCollator(self.data_collator, cache.layouts, padding_side)
+        return cache
+
     def _set_signature_columns_if_needed(self):
         # Keep what either model consumes: `remove_unused_columns` would otherwise drop columns only the teacher
-        # reads (e.g. token_type_ids for a BERT teacher of a DistilBERT student).
+        # reads (e.g. token_type_ids for a BERT teacher of a DistilBERT student), and the teacher cache's columns.
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
             teacher_columns = forward_arg_names(self.teacher) if hasattr(self, "teacher") else set()
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *sorted(teacher_columns)]))
+            cache = getattr(self, "teacher_cache", None)
+            cache_columns = list(cache.layouts) if cache is not None else []
+            self._signature_columns = list(
+                dict.fromkeys([*self._signature_columns, *sorted(teacher_columns), *cache_columns])
+            )
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Counts over the whole gradient-accumulation window: rows, labelled items and real tokens.
@@ -203,7 +255,16 @@ class DistillationTrainer(Trainer):
         )
         s_logits = student.outputs.logits
         needs_teacher = any(getattr(args, f"{t}_weight") > 0 for t in TERMS if t != "task")
-        if needs_teacher:
+        if needs_teacher and has_cached_teacher(inputs):
+            teacher = cached_teacher_features(
+                inputs,
+                num_classes=s_logits.shape[-1],
+                logits=args.logits_weight > 0,
+                hidden_layers=sorted({m.teacher_layer for m in hidden}),
+                attention_layers=sorted({m.teacher_layer for m in attention}),
+                embeddings=embeddings,
+            )
+        elif needs_teacher:
             teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_inputs and k != "labels"}
             with torch.no_grad():
                 teacher = forward_with_features(

@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Speed and memory of one training step: the student alone against five ways of distilling into it.
+
+    PYTHONPATH=. python scripts/bench_speed.py --steps 4 --rounds 7
+
+Configurations, all on the same batches (SST-2 rows, batch 32, max length 64; MiniLM-L6 teacher, 3-layer student):
+
+    (a) the student fine-tuned alone (task loss, no teacher)
+    (b) distillation on logits
+    (c) (b) + hidden states of the matched layers
+    (d) (c) + attention maps captured for the matched layers only (SDPA everywhere else)
+    (e) (d) with the teacher's outputs read from the teacher cache (the cache is built first; its one-off build
+        time is reported apart)
+    (f) (d) with both models running eager attention throughout and returning every layer's maps and states
+        (`output_attentions=True, output_hidden_states=True`), the usual way to get attention maps
+
+Speed: each timed step is what the Trainer's loop does for one batch: fetch the rows from the prepared dataset (the
+cache columns included), collate, move to device, forward + backward (`training_step`), optimizer step, zero grads.
+The configurations run in rounds (abcdef abcdef ...), `--steps` batches each per round, after one untimed warm-up
+step each; the medians over rounds are reported, so background load hits every configuration alike.
+
+Memory: each configuration runs again in a subprocess of its own for `--memory-steps` steps. "peak +MiB" is the
+highest resident set size (psutil, sampled every 2 ms by a thread) during those steps minus the resident set size
+just before them, i.e. the steps' own working memory: activations, gradients, optimizer state, teacher outputs (and,
+for (e), the pages of the memory-mapped cache that were read). "peak MiB" is that highest resident set size itself,
+models and data included. (`getrusage`'s ru_maxrss is no use here: a child started by `subprocess` reports the
+parent's high-water mark from before its exec.)
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import torch
+import transformers
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+import hf_distill.trainer
+from hf_distill import (
+    DataArguments,
+    DistillationConfig,
+    DistillationTrainer,
+    Features,
+    load_task_dataset,
+    make_student,
+    tokenize_dataset,
+)
+
+SST2 = "/work/shared/data/sst2/train.tsv"
+OFFLINE_MODELS = "/work/shared/tools/offline_models.py"
+DISTILL = dict(task_weight=0.5, logits_weight=0.5)
+HIDDEN = dict(DISTILL, hidden_weight=1.0)
+ATTENTION = dict(HIDDEN, attention_weight=1.0)
+
+# (key, label, DistillationConfig overrides, eager attention throughout)
+CONFIGS = [
+    ("a", "student alone", dict(task_weight=1.0, logits_weight=0.0), False),
+    ("b", "KD: logits", DISTILL, False),
+    ("c", "KD: logits + hidden", HIDDEN, False),
+    ("d", "KD: logits + hidden + attention (captured)", ATTENTION, False),
+    ("e", "(d) from the teacher cache", dict(ATTENTION, use_teacher_cache=True, teacher_cache_attentions=True), False),
+    ("f", "(d) with eager attention everywhere", ATTENTION, True),
+]
+TARGETS = [
+    ("(e) speed >= 0.9x (a)", lambda t: t["a"] / t["e"], ">=", 0.9, "speed of (e) / speed of (a)"),
+    ("(d) step time <= 1.25x (b)", lambda t: t["d"] / t["b"], "<=", 1.25, "step time (d) / step time (b)"),
+    ("(d) >= 1.3x faster than (f)", lambda t: t["f"] / t["d"], ">=", 1.3, "step time (f) / step time (d)"),
+]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4, help="timed batches per configuration per round")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds over all configurations (medians reported)")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps per memory subprocess (0: skip memory)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--configs", default="abcdef", help="which configurations to run, e.g. 'abde'")
+    parser.add_argument("--cache-dir", default="outputs/bench_speed/teacher_cache")
+    parser.add_argument("--rebuild-cache", action="store_true", help="delete the teacher cache first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--profile", default=None, help="profile this configuration's steps with torch.profiler")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one memory subprocess
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def minilm_dir() -> str:
+    out = subprocess.run([sys.executable, OFFLINE_MODELS, "minilm"], capture_output=True, text=True, check=True)
+    return out.stdout.strip().split()[-1]
+
+
+def load_data(tokenizer, rows: int, max_length: int):
+    data_args = DataArguments(train_file=SST2, max_train_samples=rows, max_length=max_length)
+    raw = load_task_dataset(data_args, seed=0)
+    return tokenize_dataset(raw, tokenizer, data_args)["train"]
+
+
+def eager_forward_with_features(model, inputs, *, hidden_layers=(), attention_layers=(), embeddings=False):
+    """(f): every layer's states and maps from a plain eager forward, in the shape `forward_with_features` returns."""
+    outputs = model(**inputs, output_hidden_states=True, output_attentions=bool(list(attention_layers)))
+    return Features(
+        outputs=outputs,
+        hidden_states={i: outputs.hidden_states[i + 1] for i in hidden_layers},
+        embeddings=outputs.hidden_states[0] if embeddings else None,
+        attentions={i: outputs.attentions[i] for i in attention_layers},
+    )
+
+
+@contextlib.contextmanager
+def eager_features(enabled: bool):
+    # The trainer calls `forward_with_features` by its module-level name; (f) swaps it for the eager outputs.
+    original = hf_distill.trainer.forward_with_features
+    if enabled:
+        hf_distill.trainer.forward_with_features = eager_forward_with_features
+    try:
+        yield
+    finally:
+        hf_distill.trainer.forward_with_features = original
+
+
+def make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args):
+    if eager:
+        teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
+        teacher.set_attn_implementation("eager")
+        student.set_attn_implementation("eager")
+    config = DistillationConfig(
+        output_dir=f"outputs/bench_speed/{key}",
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=5e-5,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        teacher_cache_dir=args.cache_dir,
+        **overrides,
+    )
+    start = time.perf_counter()
+    trainer = DistillationTrainer(
+        model=copy.deepcopy(student),
+        teacher_model=teacher,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    trainer.setup_seconds = time.perf_counter() - start
+    trainer.create_optimizer()
+    trainer.eager = eager
+    trainer.prepared = trainer._remove_unused_columns(trainer.train_dataset)  # as get_train_dataloader does
+    return trainer
+
+
+def train_step(trainer, indices: list[int]) -> None:
+    """One batch as the Trainer's loop runs it: fetch rows, collate, forward/backward, optimizer step."""
+    rows = trainer.prepared.__getitems__(indices)
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    counts = trainer._get_num_items_in_batch([batch], trainer.args.device)
+    with eager_features(trainer.eager):
+        trainer.training_step(trainer.model, batch, num_items_in_batch=counts)
+    trainer.optimizer.step()
+    trainer.model.zero_grad(set_to_none=True)
+
+
+class RssSampler:
+    """Highest resident set size seen by a thread polling every 2 ms, minus the size when it started."""
+
+    def __init__(self):
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return (self.peak - self.start) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    # ------------------------------------------------------------------ args
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [c for c in CONFIGS if c[0] in (args.memory_of or args.configs)]
+    batches = [
+        list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(max(args.steps, args.memory_steps))
+    ]
+
+    # ------------------------------------------------------------------ models and data
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)  # untrained head: fine for speed
+    student = make_student(teacher, num_layers=3, verbose=False)
+    train = load_data(tokenizer, len(batches) * args.batch_size, args.max_length)
+
+    if args.memory_of:  # ---------------------------------------- one memory subprocess
+        key, _, overrides, eager = configs[0]
+        trainer = make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args)
+        sampler = RssSampler()
+        for indices in batches[: args.memory_steps]:
+            train_step(trainer, indices)
+        delta = sampler.stop()
+        print(json.dumps({"peak_delta_mib": delta, "peak_mib": sampler.peak / 2**20}))
+        return
+
+    if args.rebuild_cache and os.path.isdir(args.cache_dir):
+        import shutil
+
+        shutil.rmtree(args.cache_dir)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} at start"
+    )
+    lengths = [max(len(train[i]["input_ids"]) for i in b) for b in batches[: args.steps]]
+    sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (teacher, student)]
+    print(
+        f"teacher MiniLM-L6 ({sizes[0]:.1f}M), student 3 layers ({sizes[1]:.1f}M); {args.steps} batches of "
+        f"{args.batch_size} SST-2 rows, padded lengths {lengths}; {args.rounds} rounds"
+    )
+
+    # ------------------------------------------------------------------ trainers (the cache is built here, once)
+    trainers = {}
+    for key, _, overrides, eager in configs:
+        trainers[key] = make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args)
+        cache = trainers[key].teacher_cache
+        if cache is not None:
+            how = "built now" if cache.built else "found on disk, built earlier"
+            size = sum(os.path.getsize(os.path.join(cache.path, f)) for f in os.listdir(cache.path)) / 2**20
+            print(
+                f"teacher cache for ({key}): {how} in {cache.build_seconds:.1f}s for {len(train)} rows, "
+                f"{size:.1f} MiB, columns {sorted(cache.layouts)}"
+            )
+
+    # ------------------------------------------------------------------ timing: rounds of abcdef
+    for trainer in trainers.values():  # warm-up: first-step allocations, optimizer state
+        train_step(trainer, batches[0])
+    times = {key: [] for key in trainers}
+    for _ in range(args.rounds):
+        for key, trainer in trainers.items():
+            start = time.perf_counter()
+            for indices in batches[: args.steps]:
+                train_step(trainer, indices)
+            times[key].append((time.perf_counter() - start) / args.steps)
+    step = {key: statistics.median(values) for key, values in times.items()}
+
+    # ------------------------------------------------------------------ memory: one subprocess per configuration
+    memory = {}
+    if args.memory_steps:
+        for key in trainers:
+            cmd = [sys.executable, __file__, "--memory-of", key]
+            for flag in ("memory_steps", "steps", "batch_size", "max_length", "cache_dir", "threads"):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            memory[key] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    # ------------------------------------------------------------------ report
+    print()
+    print(
+        f"{'config':<47} {'samples/s':>9} {'x (a)':>6} {'step ms':>8} {'min-max ms':>12} {'peak +MiB':>9} "
+        f"{'x (a)':>6} {'peak MiB':>9}"
+    )
+    for key, label, _, _ in configs:
+        sps = args.batch_size / step[key]
+        spread = f"{min(times[key]) * 1e3:.0f}-{max(times[key]) * 1e3:.0f}"
+        line = f"({key}) {label:<43} {sps:>9.1f} {step['a'] / step[key] if 'a' in step else float('nan'):>6.2f}"
+        line += f" {step[key] * 1e3:>8.0f} {spread:>12}"
+        if key in memory:
+            ratio = memory[key]["peak_delta_mib"] / memory["a"]["peak_delta_mib"] if "a" in memory else float("nan")
+            line += f" {memory[key]['peak_delta_mib']:>9.0f} {ratio:>6.2f} {memory[key]['peak_mib']:>9.0f}"
+        print(line)
+    print()
+    for name, value, op, limit, what in TARGETS:
+        try:
+            v = value(step)
+        except KeyError:
+            continue
+        met = v >= limit if op == ">=" else v <= limit
+        print(f"target {name:<30} {what} = {v:.2f}  {'MET' if met else 'MISSED'}")
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at end")
+
+    # ------------------------------------------------------------------ profile (optional)
+    if args.profile:
+        trainer = trainers[args.profile]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for indices in batches[: args.steps]:
+                train_step(trainer, indices)
+        print(f"\nprofile of ({args.profile}), {args.steps} steps:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
