@@ -1,5 +1,6 @@
 """hf-distill: knowledge distillation for Hugging Face Transformers."""
 
+from .benchmark import BenchmarkConfig, load_benchmark_config, run_benchmark
 from .cache import (
     TeacherCache,
     TeacherCacheCollator,
@@ -47,6 +48,9 @@ from .trainer import DistillationTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "BenchmarkConfig",
+    "load_benchmark_config",
+    "run_benchmark",
     "ATTENTION_LOSSES",
     "ATTENTION_MODEL_TYPES",
     "DataArguments",

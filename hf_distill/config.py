@@ -267,6 +267,10 @@ class DataArguments:
     def __post_init__(self):
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}. Use e.g. 128.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or unset, got {value}. Leave it unset to use every row.")
 
 
 SCRIPT_DATACLASSES = (ModelArguments, DataArguments, DistillationConfig)

@@ -55,7 +55,8 @@ class DistillationTrainer(Trainer):
     in every checkpoint, so a resume restores them) but are never part of the saved student.
 
     The teacher is frozen, in eval mode, run under `torch.no_grad()`, never in the optimizer, never wrapped in DDP,
-    and placed on the student's device (in `args.teacher_dtype` if set).
+    and placed on the student's device (in `args.teacher_dtype` if set). The trainer takes the teacher over: these
+    changes (eval mode, frozen, device, dtype) are made to the object passed in, not to a copy, to save its memory.
 
     Args:
         model: the student, a `PreTrainedModel` (e.g. from `make_student(teacher)`).

@@ -137,6 +137,12 @@ BAD_INPUTS = [
         r"label_column='score' is not a column",
     ),
     (
+        "max_train_samples < 1",
+        lambda p, t: DataArguments(train_file="x.tsv", max_train_samples=0),
+        ValueError,
+        r"max_train_samples must be >= 1 or unset, got 0",
+    ),
+    (
         "teacher path does not exist",
         lambda p, t: load_teacher(ModelArguments(teacher_model_name_or_path=str(p / "no-such-teacher"))),
         FileNotFoundError,
