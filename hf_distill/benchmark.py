@@ -866,7 +866,10 @@ def loss_curves(results: dict[str, Any]) -> dict[str, dict[str, tuple[list[int],
 
 def make_plots(results: dict[str, Any], plot_dir: Path, teacher_history: Path | None = None) -> dict[str, str]:
     """PNG plots: accuracy against latency (batch 1 and 32), and each loss term over training steps."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the benchmark's plots need matplotlib: pip install -e '.[bench]' (or '.[demo]').") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
