@@ -555,3 +555,18 @@ def test_non_positive_temperature_is_rejected(fn, temperature):
     student, teacher, _ = make_logits((2, 3), masked=False)
     with pytest.raises(ValueError, match=f"temperature must be > 0, got {temperature}"):
         fn(student, teacher, temperature=temperature)
+
+
+def test_task_loss_matches_cross_entropy_and_masks_ignored_labels():
+    from hf_distill.losses.task import task_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, requires_grad=True)
+    labels = torch.tensor([0, 2, -100, 1, -100, 2])
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    torch.testing.assert_close(task_loss(logits, labels), expected)
+    torch.testing.assert_close(task_loss(logits, labels, num_items_in_batch=8), expected * 4 / 8)
+    none = task_loss(logits, torch.full((6,), -100))
+    assert none.item() == 0.0
+    none.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))

@@ -34,9 +34,9 @@ def task_loss(
             logits, labels = logits[..., :-1, :], labels[..., 1:]
         flat_logits = logits.float().reshape(-1, logits.shape[-1])
         flat_labels = labels.reshape(-1).to(flat_logits.device)
+        # With every label ignored the sum is an exact, graph-connected 0.
         total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
-        count = int(flat_labels.ne(-100).sum())
+        # Kept on the device: reading the count back (int(...)) would stall a GPU every step.
+        count = flat_labels.ne(-100).sum().clamp(min=1)
     denominator = num_items_in_batch if num_items_in_batch is not None else count
-    if count == 0:
-        return logits.sum() * 0.0
     return total / denominator
