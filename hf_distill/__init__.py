@@ -28,7 +28,15 @@ from .config import (
     load_recipe,
     parse_layer_mapping,
 )
-from .data import load_task_dataset, num_labels_of, tokenize_dataset
+from .data import (
+    LabelInfo,
+    apply_label_info,
+    encode_labels,
+    label_info,
+    load_task_dataset,
+    num_labels_of,
+    tokenize_dataset,
+)
 from .evaluation import classification_metrics, load_metric, measure_latency
 from .features import (
     ATTENTION_MODEL_TYPES,
@@ -59,11 +67,13 @@ __all__ = [
     "Features",
     "HIDDEN_LOSSES",
     "LOGIT_LOSSES",
+    "LabelInfo",
     "LayerMatch",
     "ModelArguments",
     "TeacherCache",
     "TeacherCacheCollator",
     "TeacherCacheSpec",
+    "apply_label_info",
     "attach_teacher_cache",
     "attention_probabilities",
     "build_layer_matches",
@@ -76,9 +86,11 @@ __all__ = [
     "data_digest",
     "default_student_layers",
     "densify_top_k",
+    "encode_labels",
     "forward_with_features",
     "get_layers",
     "has_cached_teacher",
+    "label_info",
     "load_metric",
     "load_or_make_student",
     "load_recipe",

@@ -16,6 +16,8 @@ LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddin
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHER_CACHE_DTYPES = ("float16", "float32")
+# The values of `PretrainedConfig.problem_type`; `DataArguments.problem_type` picks one (None: from the labels).
+PROBLEM_TYPES = ("single_label_classification", "regression", "multi_label_classification")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,10 @@ class DistillationConfig(TrainingArguments):
         if self.label_names is None:
             self.label_names = ["labels"]
         super().__post_init__()
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            # TrainingArguments accepts 0; evaluation would then fail only after training, past the checkpoints.
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}. Use e.g. 8.")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}. Use e.g. 2.0.")
         for name in LOSS_WEIGHT_FIELDS:
@@ -257,7 +263,17 @@ class DataArguments:
     eval_split: str = field(default="validation", metadata={"help": "Split used for evaluation."})
     text_column: str = field(default="sentence", metadata={"help": "Column with the text."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
-    label_column: str = field(default="label", metadata={"help": "Column with the integer label."})
+    label_column: str = field(
+        default="label",
+        metadata={
+            "help": "Column with the labels: integer ids, class names (mapped to ids in sorted order), floats "
+            "(regression) or json lists (multi-label: 0/1 per class, or class names)."
+        },
+    )
+    problem_type: str | None = field(
+        default=None,
+        metadata={"help": f"Force the task, one of {PROBLEM_TYPES} (e.g. regression on integer scores); None: infer."},
+    )
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (longer ones are cut)."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use a fixed shuffled subset of this many training rows (seeded by `seed`)."}
@@ -267,6 +283,11 @@ class DataArguments:
     def __post_init__(self):
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}. Use e.g. 128.")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"problem_type must be one of {PROBLEM_TYPES} or unset, got {self.problem_type!r}. Leave it unset to "
+                "infer the task from the label column."
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
