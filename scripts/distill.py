@@ -21,6 +21,7 @@ from hf_distill import (
     DistillationConfig,
     DistillationTrainer,
     ModelArguments,
+    apply_label_info,
     classification_metrics,
     load_or_make_student,
     load_recipe,
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None):
     # ------------------------------------------------------------------ models
     teacher, tokenizer = load_teacher(model_args, num_labels=num_labels_of(raw, data_args.label_column))
     student = load_or_make_student(model_args, teacher)
+    raw = apply_label_info(raw, data_args.label_column, teacher, student)  # class names -> both configs' id2label
 
     # ------------------------------------------------------------------ tokenize (once, for both models)
     with training_args.main_process_first(desc="tokenize"):

@@ -280,3 +280,37 @@ def test_regression_sets_problem_type(tmp_path):
     teacher, student = model(1), model(1)
     apply_label_info(ds, "label", teacher, student)
     assert teacher.config.problem_type == student.config.problem_type == "regression"
+
+
+# ---------------------------------------------------------------------- the script
+@pytest.mark.slow
+def test_distill_script_stores_string_label_names_in_the_student(tmp_path, tiny_tokenizer):
+    """scripts/distill.py on World/Sports/Business labels: the saved student's config names the classes."""
+    import importlib.util
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("distill_script", os.path.join(repo, "scripts", "distill.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config(num_layers=2, hidden=16, num_labels=3)).save_pretrained(
+        tmp_path / "teacher"
+    )
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    names = ["World", "Sports", "Business"]
+    train = write_tsv(tmp_path / "train.tsv", [f"the film {i}\t{names[i % 3]}" for i in range(6)])
+    dev = write_tsv(tmp_path / "dev.tsv", ["fun\tSports", "dull\tWorld"])
+    out = tmp_path / "out"
+    script.main(
+        [
+            *("--teacher_model_name_or_path", str(tmp_path / "teacher"), "--train_file", train),
+            *("--validation_file", dev, "--output_dir", str(out), "--max_length", "16", "--max_steps", "1"),
+            *("--per_device_train_batch_size", "4", "--student_num_layers", "1", "--use_cpu", "true"),
+            *("--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no"),
+        ]
+    )
+    config = json.loads((out / "student" / "config.json").read_text())
+    assert config["id2label"] == {"0": "Business", "1": "Sports", "2": "World"}
+    assert config["label2id"] == {"Business": 0, "Sports": 1, "World": 2}
+    assert config["problem_type"] == "single_label_classification"
