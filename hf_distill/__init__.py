@@ -19,11 +19,13 @@ from .cache import (
     teacher_weights_digest,
     tokenizer_digest,
 )
+from .cli import DistillArgs, parse_distill_args
 from .config import (
     DataArguments,
     DistillationConfig,
     LayerMatch,
     ModelArguments,
+    RunArguments,
     check_recipe_keys,
     load_recipe,
     parse_layer_mapping,
@@ -49,7 +51,8 @@ from .hub import model_card, push_student
 from .layer_mapping import build_layer_matches, build_projections, resolve_layer_pairs
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 from .losses.task import task_loss
-from .models import load_or_make_student, load_teacher
+from .models import check_max_length, load_or_make_student, load_student, load_teacher
+from .resume import RunConfigCallback, prepare_output_dir, run_settings
 from .student import default_student_layers, get_layers, make_student, num_layers
 from .trainer import DistillationTrainer
 
@@ -63,6 +66,7 @@ __all__ = [
     "ATTENTION_MODEL_TYPES",
     "DataArguments",
     "DistillationConfig",
+    "DistillArgs",
     "DistillationTrainer",
     "Features",
     "HIDDEN_LOSSES",
@@ -70,6 +74,8 @@ __all__ = [
     "LabelInfo",
     "LayerMatch",
     "ModelArguments",
+    "RunArguments",
+    "RunConfigCallback",
     "TeacherCache",
     "TeacherCacheCollator",
     "TeacherCacheSpec",
@@ -81,6 +87,7 @@ __all__ = [
     "build_teacher_cache",
     "cached_teacher_features",
     "check_attention_compatible",
+    "check_max_length",
     "check_recipe_keys",
     "classification_metrics",
     "data_digest",
@@ -94,6 +101,7 @@ __all__ = [
     "load_metric",
     "load_or_make_student",
     "load_recipe",
+    "load_student",
     "load_task_dataset",
     "load_teacher",
     "load_teacher_cache",
@@ -103,9 +111,12 @@ __all__ = [
     "num_labels_of",
     "num_layers",
     "pad_cached_rows",
+    "parse_distill_args",
     "parse_layer_mapping",
+    "prepare_output_dir",
     "push_student",
     "resolve_layer_pairs",
+    "run_settings",
     "task_loss",
     "teacher_cache_fingerprint",
     "teacher_config_digest",

@@ -248,7 +248,83 @@ class ModelArguments:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer shared by teacher and student (default: the teacher's)."}
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run modeling code shipped with a checkpoint (teacher, student, tokenizer)."},
+    )
+
+    def __post_init__(self):
+        if self.student_num_layers is not None and self.student_num_layers < 1:
+            raise ValueError(
+                f"student_num_layers must be >= 1, got {self.student_num_layers}. Use e.g. half the teacher's depth."
+            )
+        layers = self.student_layer_list
+        if self.student_model_name_or_path and (layers is not None or self.student_num_layers is not None):
+            given = "student_layers" if layers is not None else "student_num_layers"
+            raise ValueError(
+                f"student_model_name_or_path={self.student_model_name_or_path!r} loads an existing student, but "
+                f"{given}={getattr(self, given)!r} asks to build one from the teacher's layers. Drop {given}, or "
+                "drop student_model_name_or_path to build the student from the teacher."
+            )
+        if layers is not None and self.student_num_layers is not None and len(layers) != self.student_num_layers:
+            raise ValueError(
+                f"student_layers={self.student_layers!r} picks {len(layers)} teacher layers but "
+                f"student_num_layers={self.student_num_layers} asks for {self.student_num_layers}. Drop one of them "
+                f"(student_layers alone sets the depth), or set student_num_layers={len(layers)}."
+            )
+
+    @property
+    def student_layer_list(self) -> list[int] | None:
+        """`student_layers` as a list of ints (`None` if unset); a ValueError names the field if it does not parse."""
+        if self.student_layers is None or str(self.student_layers).strip() == "":
+            return None
+        try:
+            return [int(x) for x in str(self.student_layers).split(",")]
+        except ValueError as e:
+            raise ValueError(
+                f"student_layers must be comma-separated teacher layer indices like '0,2,4', got "
+                f"{self.student_layers!r}."
+            ) from e
+
+
+RESUME_CHOICES = ("auto", "never")
+
+
+@dataclass
+class RunArguments:
+    """What `scripts/distill.py` does with an `output_dir` that already holds checkpoints.
+
+    The settings that define a run are written to `<output_dir>/run_config.json` (and into every checkpoint) when
+    training starts; see `hf_distill.resume`.
+
+    Parameters:
+        resume (`str`, defaults to `"auto"`):
+            `auto`: resume from the last complete checkpoint if its recorded settings equal this run's, and refuse
+            (listing the differing fields) if they do not; `never`: never resume, and refuse to start if
+            `output_dir` already holds checkpoints (unless `overwrite_output_dir`).
+        overwrite_output_dir (`bool`, defaults to `False`):
+            Delete the checkpoints, `run_config.json` and the saved student of a previous run in `output_dir`, then
+            start from scratch.
+    """
+
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: resume from the last checkpoint if its settings match this run's (else refuse); never: "
+            "start from scratch (refused if output_dir holds checkpoints, unless overwrite_output_dir)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Delete a previous run's checkpoints, run_config.json and student in output_dir first."},
+    )
+
+    def __post_init__(self):
+        if self.resume not in RESUME_CHOICES:
+            raise ValueError(
+                f"resume must be one of {RESUME_CHOICES}, got {self.resume!r}. Use 'auto' to continue an interrupted "
+                "run, or 'never' (with overwrite_output_dir=true) to start over."
+            )
 
 
 @dataclass
@@ -294,7 +370,7 @@ class DataArguments:
                 raise ValueError(f"{name} must be >= 1 or unset, got {value}. Leave it unset to use every row.")
 
 
-SCRIPT_DATACLASSES = (ModelArguments, DataArguments, DistillationConfig)
+SCRIPT_DATACLASSES = (ModelArguments, DataArguments, RunArguments, DistillationConfig)
 
 
 def check_recipe_keys(recipe: dict[str, Any], dataclass_types=SCRIPT_DATACLASSES, source: str = "recipe") -> None:

@@ -13,23 +13,23 @@ import shutil
 import sys
 
 import transformers
-from transformers import DataCollatorWithPadding, HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import DataCollatorWithPadding, set_seed
 
 from hf_distill import (
-    DataArguments,
-    DistillationConfig,
     DistillationTrainer,
-    ModelArguments,
+    RunConfigCallback,
     apply_label_info,
+    check_max_length,
     classification_metrics,
     load_or_make_student,
-    load_recipe,
     load_task_dataset,
     load_teacher,
     model_card,
     num_labels_of,
+    parse_distill_args,
+    prepare_output_dir,
     push_student,
+    run_settings,
     tokenize_dataset,
 )
 from hf_distill.evaluation import evaluate_model, measure_speedup
@@ -37,22 +37,11 @@ from hf_distill.evaluation import evaluate_model, measure_speedup
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str]):
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationConfig))
-    recipe_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        recipe_path = argv[i + 1]
-        argv = argv[:i] + argv[i + 2 :]
-        # The recipe provides defaults; anything on the command line wins.
-        parser.set_defaults(**load_recipe(recipe_path))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args, recipe_path
-
-
 def main(argv: list[str] | None = None):
-    # ------------------------------------------------------------------ args
-    model_args, data_args, training_args, recipe_path = parse_args(sys.argv[1:] if argv is None else argv)
+    # ------------------------------------------------------------------ args (recipe, then command-line overrides)
+    args = parse_distill_args(sys.argv[1:] if argv is None else argv)  # unknown flags are refused here
+    model_args, data_args, run_args, training_args = args.model, args.data, args.run, args.training
+    recipe_path = args.recipe_path
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the student folder alone, at the end
 
     # ------------------------------------------------------------------ logging
@@ -64,9 +53,28 @@ def main(argv: list[str] | None = None):
     raw = load_task_dataset(data_args, seed=training_args.seed)
     logger.info("data: %s", {split: len(d) for split, d in raw.items()})
 
+    # ------------------------------------------------------------------ run directory: resume only the same run
+    settings = run_settings(
+        model_args,
+        data_args,
+        training_args,
+        **{f"{split}_rows": len(d) for split, d in raw.items()},
+        num_processes=training_args.world_size,
+    )
+    with training_args.main_process_first(local=training_args.save_on_each_node, desc="run directory"):
+        resume = prepare_output_dir(
+            training_args.output_dir,
+            settings,
+            resume=run_args.resume,
+            overwrite_output_dir=run_args.overwrite_output_dir,
+            resume_from_checkpoint=training_args.resume_from_checkpoint,
+            is_main_process=training_args.should_save,
+        )
+
     # ------------------------------------------------------------------ models
     teacher, tokenizer = load_teacher(model_args, num_labels=num_labels_of(raw, data_args.label_column))
-    student = load_or_make_student(model_args, teacher)
+    student = load_or_make_student(model_args, teacher)  # a given student keeps its own config and class
+    check_max_length(data_args.max_length, teacher=teacher, student=student)
     raw = apply_label_info(raw, data_args.label_column, teacher, student)  # class names -> both configs' id2label
 
     # ------------------------------------------------------------------ tokenize (once, for both models)
@@ -85,12 +93,8 @@ def main(argv: list[str] | None = None):
         compute_metrics=classification_metrics(),
     )
 
-    # ------------------------------------------------------------------ train (resumes from the last checkpoint)
-    resume = training_args.resume_from_checkpoint
-    if resume is None and os.path.isdir(training_args.output_dir):
-        resume = get_last_checkpoint(training_args.output_dir)  # an interrupted run picks up where it stopped
-    if resume:
-        logger.info("resuming from %s", resume)
+    # ------------------------------------------------------------------ train (resume: see the run directory stage)
+    trainer.add_callback(RunConfigCallback(settings))  # each checkpoint carries the settings it was trained with
     trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save the student alone (temp dir, then rename)
