@@ -170,7 +170,13 @@ class DistillationTrainer(Trainer):
             embeddings=args.embeddings_weight > 0,
             dtype=args.teacher_cache_dtype,
         )
-        padding_side = getattr(self.processing_class, "padding_side", None) or "right"
+        # The collator gets, at train time, the columns `remove_unused_columns` keeps: the build collates the same,
+        # so the cached teacher sees every input the collator makes of them (an attention_mask it adds, ...).
+        columns = list(self.train_dataset.column_names)
+        if args.remove_unused_columns:
+            self._set_signature_columns_if_needed()
+            columns = [c for c in columns if c in self._signature_columns]
+            self._signature_columns = None  # recomputed with the cache's columns once the cache exists
         with args.main_process_first(desc="teacher cache"):
             cache = build_teacher_cache(
                 self.teacher,
@@ -180,11 +186,11 @@ class DistillationTrainer(Trainer):
                 spec=spec,
                 tokenizer=self.processing_class,
                 batch_size=args.per_device_eval_batch_size,
-                padding_side=padding_side,
+                columns=columns,
             )
         # The cache was keyed by this very dataset's contents, so attaching it needs no second hash.
         self.train_dataset = attach_teacher_cache(self.train_dataset, cache, verify=False)
-        self.data_collator = TeacherCacheCollator(self.data_collator, cache.layouts, padding_side)
+        self.data_collator = TeacherCacheCollator(self.data_collator, cache.layouts, cache.padding_side)
         return cache
 
     def _set_signature_columns_if_needed(self):
