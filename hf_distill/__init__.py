@@ -27,8 +27,11 @@ from .config import (
     ModelArguments,
     RunArguments,
     check_recipe_keys,
+    display_path,
     load_recipe,
     parse_layer_mapping,
+    recipe_root,
+    resolve_recipe_paths,
 )
 from .data import (
     LabelInfo,
@@ -47,7 +50,15 @@ from .features import (
     check_attention_compatible,
     forward_with_features,
 )
-from .hub import model_card, push_student
+from .hub import (
+    ALLOWED_FILES,
+    model_card,
+    publishable_files,
+    push_student,
+    save_student,
+    save_student_from_trainer,
+    student_card,
+)
 from .layer_mapping import build_layer_matches, build_projections, resolve_layer_pairs
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 from .losses.task import task_loss
@@ -62,6 +73,7 @@ __all__ = [
     "BenchmarkConfig",
     "load_benchmark_config",
     "run_benchmark",
+    "ALLOWED_FILES",
     "ATTENTION_LOSSES",
     "ATTENTION_MODEL_TYPES",
     "DataArguments",
@@ -93,6 +105,7 @@ __all__ = [
     "data_digest",
     "default_student_layers",
     "densify_top_k",
+    "display_path",
     "encode_labels",
     "forward_with_features",
     "get_layers",
@@ -114,8 +127,14 @@ __all__ = [
     "parse_distill_args",
     "parse_layer_mapping",
     "prepare_output_dir",
+    "publishable_files",
     "push_student",
+    "recipe_root",
     "resolve_layer_pairs",
+    "resolve_recipe_paths",
+    "save_student",
+    "save_student_from_trainer",
+    "student_card",
     "run_settings",
     "task_loss",
     "teacher_cache_fingerprint",

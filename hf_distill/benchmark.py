@@ -59,7 +59,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import DataArguments, DistillationConfig, ModelArguments, load_recipe
+from .config import DataArguments, DistillationConfig, ModelArguments, load_recipe, recipe_root
 from .data import load_task_dataset, num_labels_of, tokenize_dataset
 from .evaluation import LATENCY_BATCH_SIZES, load_metric, measure_latencies, predict_logits
 from .models import load_teacher
@@ -118,7 +118,8 @@ class BenchmarkConfig:
     r"""What a benchmark compares: a teacher, a task, a student shape, a budget and the recipes (one per row).
 
     Loaded from a flat YAML file (see `benchmarks/*.yaml`) by [`load_benchmark_config`]. Relative paths (data files,
-    recipes, teacher directory, output_dir) are resolved against `root`, the repository root.
+    recipes, teacher directory, output_dir) are resolved against `root`: by default the repository holding the YAML
+    file (`source_root`, set by [`load_benchmark_config`]), whatever the working directory.
 
     Parameters:
         name (`str`): name of the benchmark; outputs go to `outputs/benchmarks/<name>` unless `output_dir` is set.
@@ -193,6 +194,8 @@ class BenchmarkConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the accuracy pass."})
     latency_runs: int = field(default=20, metadata={"help": "Timed forward passes per latency median (>= 20)."})
     latency_warmup: int = field(default=3, metadata={"help": "Untimed forward passes before timing."})
+    # Set by load_benchmark_config: the folder relative paths are resolved against (not a YAML key).
+    source_root: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if not self.teacher_model_name_or_path:
@@ -247,18 +250,33 @@ class BenchmarkConfig:
             self.student_layers = ",".join(str(i) for i in self.student_layers)
 
 
+# Benchmark fields holding local paths: the file's are relative to its root, the command line's to the cwd.
+BENCHMARK_PATH_FIELDS = ("output_dir", "train_file", "validation_file", "baseline_recipe")
+
+
 def load_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
-    """Read a benchmark YAML (flat keys = `BenchmarkConfig` fields), apply `overrides`, and validate it."""
+    """Read a benchmark YAML (flat keys = `BenchmarkConfig` fields), apply `overrides`, and validate it.
+
+    The file's relative paths stay as written (the stages' fingerprints use them) and are resolved at run time against
+    `source_root`, the repository holding the file (see `recipe_root`). Relative paths in `overrides` (command-line
+    values) are made absolute against the working directory, where the user typed them.
+    """
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ValueError(f"benchmark config {path} must be a mapping of field: value, got {type(values).__name__}.")
-    values.update(overrides or {})
-    known = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+    overrides = dict(overrides or {})
+    for name in BENCHMARK_PATH_FIELDS:
+        if isinstance(overrides.get(name), str):
+            overrides[name] = os.path.abspath(os.path.expanduser(overrides[name]))
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(BenchmarkConfig) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in benchmark config {path}. Valid keys: {sorted(known)}.")
-    return BenchmarkConfig(**values)
+    config = BenchmarkConfig(**values)
+    config.source_root = str(recipe_root(path))
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------- pure helpers
@@ -767,7 +785,7 @@ class Benchmark:
 
         results = {
             "benchmark": c.name,
-            "config": dataclasses.asdict(c),
+            "config": {k: v for k, v in dataclasses.asdict(c).items() if k != "source_root"},  # no machine path
             "teacher": self.teacher_dir,
             "budget": {
                 "train_rows": c.max_train_samples,
@@ -917,6 +935,15 @@ def make_plots(results: dict[str, Any], plot_dir: Path, teacher_history: Path | 
     return paths
 
 
-def run_benchmark(config: BenchmarkConfig, root: str | os.PathLike) -> dict[str, Any]:
-    """Run (or resume, or reuse) every stage of a benchmark and write results.json, results.md and the plots."""
+def run_benchmark(config: BenchmarkConfig, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run (or resume, or reuse) every stage of a benchmark and write results.json, results.md and the plots.
+
+    Relative paths are resolved against `root`; default: the repository holding the config file (`source_root`).
+    """
+    root = root if root is not None else config.source_root
+    if root is None:
+        raise ValueError(
+            "root is None and the config was not read from a file: pass root=<the repository root> to resolve its "
+            "relative paths against."
+        )
     return Benchmark(config, root).run()

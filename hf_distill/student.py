@@ -48,6 +48,8 @@ def _unsupported(model_type: str) -> ValueError:
 
 def get_base_model(model: PreTrainedModel) -> nn.Module:
     """The bare transformer inside a task model (e.g. `model.bert` in `BertForSequenceClassification`)."""
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()  # a PEFT wrapper: the blocks are those of the transformers model inside
     return getattr(model, model.base_model_prefix, model)
 
 

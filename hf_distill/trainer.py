@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections import defaultdict
+from functools import partial
 from typing import Any
 
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
 from .cache import (
@@ -26,33 +24,66 @@ from .cache import (
 from .config import DistillationConfig, LayerMatch
 from .features import check_attention_compatible, forward_with_features
 from .layer_mapping import build_layer_matches, build_projections, hidden_size
-from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
 from .losses.task import task_loss
+from .preflight import (
+    SAMPLE_TEXTS,
+    forward_arg_names,
+    preflight_models,
+    preflight_problem_type,
+    preflight_segment_ids,
+    preflight_tokenizers,
+)
+from .projections import (
+    PROJECTIONS_NAME,
+    ZeroProjectionGrads,
+    average_projection_grads,
+    clip_with_projections,
+    projection_param_groups,
+    read_projections,
+    save_projections,
+)
 from .student import num_layers
+from .tasks import (
+    MULTI_LABEL,
+    REGRESSION,
+    distill_positions,
+    is_causal_lm,
+    is_sequence_classifier,
+    problem_type_of_labels,
+    resolve_problem_type,
+)
+from .term_metrics import NonFiniteLossError, NonFiniteLossGuard, TermMetrics
 
 logger = logging.get_logger(__name__)
 
-PROJECTIONS_NAME = "projections.pt"
 TERMS = ("task", "logits", "hidden", "embeddings", "attention")
-# Index of each count in the tensor `_get_num_items_in_batch` returns for a gradient-accumulation window.
-ROWS, LABELS, TOKENS = 0, 1, 2
-SAMPLE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "a gorgeous, witty, seductive movie", "not good"]
-
-
-def forward_arg_names(model: nn.Module) -> set[str]:
-    """Names a model's forward accepts (the inputs worth passing to it)."""
-    return set(inspect.signature(model.forward).parameters)
+# Index of each count in the tensor `_get_num_items_in_batch` returns for a gradient-accumulation window: rows,
+# labelled items (rows for regression / multi-label), real tokens, and the positions the token-level logit term
+# scores (see `DistillationConfig.distill_on`).
+ROWS, LABELS, TOKENS, KD_POSITIONS = 0, 1, 2, 3
+NUM_COUNTS = 4
+__all__ = ["PROJECTIONS_NAME", "SAMPLE_TEXTS", "DistillationTrainer", "NonFiniteLossError", "forward_arg_names"]
 
 
 class DistillationTrainer(Trainer):
     """Trains `model` (the student) to imitate a frozen `teacher_model`.
 
     The loss is `sum_k args.<k>_weight * loss_k` over the terms task, logits, hidden, embeddings and attention (see
-    [`DistillationConfig`]); each term is logged on its own as `loss_<k>` (and `eval_loss_<k>`). Intermediate-layer
+    [`DistillationConfig`]); each term is logged on its own as `loss_<k>` (and `eval_loss_<k>`, and in `predict()`'s
+    metrics `test_loss_<k>`): the per-item mean over the logging window and every process, a term with no item in
+    the window left out. A non-finite training loss stops the run (`NonFiniteLossError`) before the optimizer step,
+    naming the terms and the step. Intermediate-layer
     terms pair layers by `args.layer_mapping` into `LayerMatch` records (`self.layer_matches`). When teacher and
     student widths differ, one learned linear projection per hidden-state pairing (`self.projections`) maps the
     student into the teacher's space: the projections are trained with the student (they are in the optimizer and
-    in every checkpoint, so a resume restores them) but are never part of the saved student.
+    in every checkpoint, so a resume restores them) but are never part of the saved student. One global gradient
+    norm covers the student and the projections (`max_grad_norm` is applied once), and projection biases get no
+    weight decay.
+
+    The task follows the student's head, under any PEFT wrapper: causal LMs shift their labels; sequence classifiers
+    use `config.problem_type` (else inferred as transformers does): single-label (cross-entropy + softmax KD),
+    regression (MSE + MSE between the outputs) or multi-label (binary cross-entropy + per-class sigmoid KD).
 
     The teacher is frozen, in eval mode, run under `torch.no_grad()`, never in the optimizer, never wrapped in DDP,
     and placed on the student's device (in `args.teacher_dtype` if set). The trainer takes the teacher over: these
@@ -93,9 +124,15 @@ class DistillationTrainer(Trainer):
         if args.teacher_dtype is not None:
             if args.teacher_dtype != "auto":
                 teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
-        _preflight_models(teacher_model, model, args)
-        _preflight_tokenizers(processing_class, teacher_processing_class)
-        _preflight_segment_ids(train_dataset, processing_class, teacher_model, model)
+        preflight_models(teacher_model, model, args)
+        preflight_tokenizers(processing_class, teacher_processing_class)
+        preflight_segment_ids(train_dataset, processing_class, teacher_model, model)
+        self._sequence_level = is_sequence_classifier(model)
+        self.problem_type = resolve_problem_type(model, teacher_model, train_dataset) if self._sequence_level else None
+        preflight_problem_type(self.problem_type, args)
+        if self.problem_type is not None and getattr(model.config, "problem_type", None) is None:
+            # Saved with the student, so pipelines read its outputs right (sigmoid per class for multi-label).
+            model.config.problem_type = self.problem_type
 
         super().__init__(
             model=model,
@@ -134,7 +171,7 @@ class DistillationTrainer(Trainer):
             embeddings=args.embeddings_weight > 0,
         ).to(self.args.device)
         if len(self.projections):
-            self.add_callback(_ZeroProjectionGrads(self.projections))
+            self.add_callback(ZeroProjectionGrads(self.projections))
         if len(self.projections) and self.is_deepspeed_enabled:
             raise ValueError(
                 "the student (width "
@@ -145,8 +182,12 @@ class DistillationTrainer(Trainer):
             )
         self._teacher_inputs = forward_arg_names(self.teacher)
         self._student_inputs = forward_arg_names(model)
-        self._shift_labels = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Decided from the model under any PEFT wrapper: a PeftModelForCausalLM wraps a causal LM.
+        self._shift_labels = is_causal_lm(model)
+        self._term_metrics = TermMetrics(TERMS, self.args.device)
+        self._term_mode, self._term_prefix = "train", "eval"  # which buffer compute_loss fills, and its log prefix
+        self._nonfinite_guard = NonFiniteLossGuard(TERMS)
+        self.add_callback(self._nonfinite_guard)
         self.teacher_cache: TeacherCache | None = None
         if args.use_teacher_cache and self.train_dataset is not None:
             self.teacher_cache = self._attach_teacher_cache()
@@ -206,29 +247,51 @@ class DistillationTrainer(Trainer):
             )
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Counts over the whole gradient-accumulation window: rows, labelled items and real tokens.
+        """Counts over the whole gradient-accumulation window: rows, labelled items, real tokens, scored positions.
 
         Every term divides its sum by the matching count, so the micro-batch losses add up to the exact window mean
-        (and, with `average_tokens_across_devices`, the exact mean over all processes).
+        (and, with `average_tokens_across_devices`, the exact mean over all processes). The counts are the very ones
+        `compute_loss` uses (`_label_count`, `_logit_positions`), summed on the device without a host sync.
         """
         if not batch_samples:
             return None
-        counts = torch.zeros(3, dtype=torch.long)
+        counts = torch.zeros(NUM_COUNTS, dtype=torch.long, device=device)
         for batch in batch_samples:
             input_ids = batch["input_ids"]
-            counts[ROWS] += input_ids.shape[0]
             mask = batch.get("attention_mask")
-            counts[TOKENS] += int(mask.sum()) if mask is not None else input_ids.numel()
             labels = batch.get("labels")
+            counts[ROWS] += input_ids.shape[0]
+            counts[TOKENS] += mask.sum().to(device) if mask is not None else input_ids.numel()
             if labels is not None:
-                if labels.is_floating_point():
-                    counts[LABELS] += labels.shape[0]
-                else:
-                    counts[LABELS] += int((labels[..., 1:] if self._shift_labels else labels).ne(-100).sum())
-        counts = counts.to(device)
+                counts[LABELS] += self._label_count(labels).to(device)
+            positions = self._logit_positions(labels, mask)
+            if self._sequence_level:
+                counts[KD_POSITIONS] += input_ids.shape[0]
+            else:
+                counts[KD_POSITIONS] += positions.sum().to(device) if positions is not None else input_ids.numel()
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            counts = self.accelerator.gather(counts).view(-1, 3).sum(0)
+            counts = self.accelerator.gather(counts).view(-1, NUM_COUNTS).sum(0)
         return counts
+
+    def _problem_type(self, labels: torch.Tensor | None) -> str | None:
+        """The head's problem type for this batch (None for token-level students)."""
+        if not self._sequence_level:
+            return None
+        if self.problem_type is not None or labels is None:
+            return self.problem_type
+        return problem_type_of_labels(labels, self.model.config.num_labels)
+
+    def _label_count(self, labels: torch.Tensor) -> torch.Tensor:
+        """Items the task loss scores: rows for regression / multi-label, else labels != -100 (shifted for LMs)."""
+        if labels.is_floating_point() or self._problem_type(labels) in (REGRESSION, MULTI_LABEL):
+            return torch.tensor(labels.shape[0], device=labels.device)
+        return (labels[..., 1:] if self._shift_labels else labels).ne(-100).sum()
+
+    def _logit_positions(self, labels: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """`(B, L)` positions the token-level logit term scores (see `DistillationConfig.distill_on`)."""
+        if self._sequence_level:
+            return None
+        return distill_positions(labels, mask, distill_on=self.args.distill_on, shift_labels=self._shift_labels)
 
     # ---------------------------------------------------------------- the loss
     def compute_loss(
@@ -242,7 +305,9 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels")
         mask = inputs.get("attention_mask")
         counts = (
-            num_items_in_batch if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == 3 else None
+            num_items_in_batch
+            if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == NUM_COUNTS
+            else None
         )
         # Under DDP gradients are averaged over processes; a loss normalised by counts summed over all processes
         # must be scaled back up by their number (as Trainer.compute_loss does).
@@ -261,6 +326,15 @@ class DistillationTrainer(Trainer):
             embeddings=embeddings,
         )
         s_logits = student.outputs.logits
+        token_level = s_logits.dim() == 3
+        if token_level == self._sequence_level:
+            raise ValueError(
+                f"the student ({type(model).__name__}) returned logits of shape {tuple(s_logits.shape)}, but its "
+                f"class says it is a {'sequence' if self._sequence_level else 'token'}-level model, so the counts "
+                "the terms are normalised by would be wrong. Use a transformers *ForSequenceClassification, "
+                "*ForTokenClassification, *ForMaskedLM or *ForCausalLM model (or a PEFT model with the matching "
+                "task_type)."
+            )
         needs_teacher = any(getattr(args, f"{t}_weight") > 0 for t in TERMS if t != "task")
         if needs_teacher and has_cached_teacher(inputs):
             teacher = cached_teacher_features(
@@ -282,31 +356,43 @@ class DistillationTrainer(Trainer):
                     embeddings=embeddings,
                 )
 
+        rows = s_logits.shape[0]
         token_mask = mask.bool() if mask is not None else None
         micro_tokens = token_mask.sum() if token_mask is not None else inputs["input_ids"].numel()
         n_tokens = counts[TOKENS] if counts is not None else None
+        problem_type = self._problem_type(labels)
         terms: dict[str, torch.Tensor] = {}
-        micro: dict[str, torch.Tensor | int] = {}  # this micro-batch's count per term, to log per-batch means
+        # Per term: this micro-batch's item count, and the count of the whole window it was divided by.
+        micro: dict[str, torch.Tensor | int] = {}
+        window: dict[str, torch.Tensor | None] = {}
         if args.task_weight > 0 and labels is not None:
+            window["task"] = counts[LABELS] if counts is not None else None
             terms["task"] = task_loss(
                 s_logits,
                 labels,
                 shift_labels=self._shift_labels,
-                num_items_in_batch=counts[LABELS] if counts is not None else None,
+                num_items_in_batch=window["task"],
+                problem_type=problem_type,
             )
-            if counts is not None:
-                lab = labels[..., 1:] if self._shift_labels and not labels.is_floating_point() else labels
-                micro["task"] = lab.shape[0] if labels.is_floating_point() else lab.ne(-100).sum()
+            micro["task"] = self._label_count(labels)
         if args.logits_weight > 0:
-            token_level = s_logits.dim() == 3
-            terms["logits"] = LOGIT_LOSSES[args.logits_loss](
+            if self.problem_type is None and problem_type is not None:
+                preflight_problem_type(problem_type, args)  # known only now, from the labels' dtype
+            positions = self._logit_positions(labels, mask) if token_level else None
+            if token_level:
+                micro["logits"] = positions.sum() if positions is not None else s_logits.shape[0] * s_logits.shape[1]
+            else:
+                micro["logits"] = rows
+            window["logits"] = counts[KD_POSITIONS] if counts is not None else None
+            table = MULTI_LABEL_LOGIT_LOSSES if problem_type == MULTI_LABEL else LOGIT_LOSSES
+            terms["logits"] = table[args.logits_loss](
                 s_logits,
                 teacher.outputs.logits,
-                token_mask if token_level else None,
+                positions,
                 temperature=args.temperature,
-                num_items_in_batch=(n_tokens if token_level else counts[ROWS]) if counts is not None else None,
+                num_items_in_batch=window["logits"],
             )
-            micro["logits"] = micro_tokens if token_level else s_logits.shape[0]
+        # Feature matching compares representations of every real token, whatever `distill_on` says.
         if hidden:
             terms["hidden"] = _weighted_mean(
                 [
@@ -320,7 +406,7 @@ class DistillationTrainer(Trainer):
                 ],
                 [m.weight for m in hidden],
             )
-            micro["hidden"] = micro_tokens
+            micro["hidden"], window["hidden"] = micro_tokens, n_tokens
         if embeddings:
             terms["embeddings"] = HIDDEN_LOSSES[args.hidden_loss](
                 self._project("embeddings", student.embeddings),
@@ -328,7 +414,7 @@ class DistillationTrainer(Trainer):
                 token_mask,
                 num_items_in_batch=n_tokens,
             )
-            micro["embeddings"] = micro_tokens
+            micro["embeddings"], window["embeddings"] = micro_tokens, n_tokens
         if attention:
             terms["attention"] = _weighted_mean(
                 [
@@ -342,7 +428,7 @@ class DistillationTrainer(Trainer):
                 ],
                 [m.weight for m in attention],
             )
-            micro["attention"] = micro_tokens
+            micro["attention"], window["attention"] = micro_tokens, n_tokens
 
         if not terms:
             raise ValueError(
@@ -351,13 +437,13 @@ class DistillationTrainer(Trainer):
             )
         loss = sum(getattr(args, f"{name}_weight") * value for name, value in terms.items()) * scale
 
-        mode = "train" if model.training else "eval"
         for name, value in terms.items():
-            # Log the micro-batch mean of each term, whatever the accumulation window's normaliser was.
-            if counts is not None:
-                total = counts[{"task": LABELS, "logits": ROWS if s_logits.dim() == 2 else TOKENS}.get(name, TOKENS)]
-                value = value * total / micro[name]
-            self._metrics[mode][f"loss_{name}"].append(float(value.detach()))
+            # Each term is sum / denominator (clamped to 1); buffering sum and items keeps exact window means.
+            denominator = window[name] if window[name] is not None else micro[name]
+            denominator = denominator.clamp(min=1) if torch.is_tensor(denominator) else max(denominator, 1)
+            self._term_metrics.add(self._term_mode, name, value.detach() * denominator, micro[name])
+        if model.training:
+            self._nonfinite_guard.observe(loss, terms)
 
         if return_outputs:
             outputs = student.outputs
@@ -379,141 +465,81 @@ class DistillationTrainer(Trainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if len(self.projections):
-            params = list(self.projections.parameters())
             already = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if not any(id(p) in already for p in params):
-                optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+            if not any(id(p) in already for p in self.projections.parameters()):
+                # As the Trainer does for the student: no weight decay on biases (nor on norm layers, if any).
+                decay = self.get_decay_parameter_names(self.projections)
+                for group in projection_param_groups(self.projections, decay, self.args.weight_decay):
+                    optimizer.add_param_group(group)
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if len(self.projections) and self.accelerator.num_processes > 1:
             # The projections live outside the DDP-wrapped student, so DDP does not average their gradients.
-            # Averaging the accumulated gradient after every micro-step is exact (averaging is linear).
-            for p in self.projections.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= self.accelerator.num_processes
+            average_projection_grads(self.projections, self.accelerator.num_processes)
         return loss
 
     def _clip_grad_norm(self, model):
-        # The Trainer clips the student's gradients; the projections, outside the student, are clipped on their own.
-        norm = super()._clip_grad_norm(model)
-        if len(self.projections):
-            nn.utils.clip_grad_norm_(self.projections.parameters(), self.args.max_grad_norm)
-        return norm
+        """Clip the student's and the projections' gradients by one global norm; returns that pre-clip norm."""
+        if not len(self.projections):
+            return super()._clip_grad_norm(model)
+        # The student's norm as the Trainer computes it (DDP, FSDP shards, mixed meshes), without clipping: the
+        # accelerator call unscales fp16 gradients once, the projections' too (they are in the same optimizer).
+        if self._has_mixed_mesh_grads(model):
+            student_norm = self._mixed_mesh_grad_norm(model, float("inf"))
+        else:
+            student_norm = self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+        return clip_with_projections(student_norm, model.parameters(), self.projections, self.args.max_grad_norm)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if len(self.projections) and self.args.should_save:
-            tmp = os.path.join(output_dir, PROJECTIONS_NAME + ".tmp")
-            torch.save({"layer_matches": [m.key for m in self.layer_matches], **self.projections.state_dict()}, tmp)
-            os.replace(tmp, os.path.join(output_dir, PROJECTIONS_NAME))
+            save_projections(self.projections, [m.key for m in self.layer_matches], output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        state = None
+        if checkpoint is not None:
+            # Checked before the optimizer state: a changed mapping changes the projections, hence the groups.
+            keys = [m.key for m in self.layer_matches]
+            state = read_projections(checkpoint, self.projections, keys, self.args.layer_mapping, self.args.device)
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not len(self.projections):
-            return
-        path = os.path.join(checkpoint, PROJECTIONS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"resume_from_checkpoint={checkpoint!r} has no {PROJECTIONS_NAME}, but this run learns projections "
-                f"({list(self.projections)}). Resume from a checkpoint of the same recipe."
-            )
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
-        state.pop("layer_matches", None)
-        self.projections.load_state_dict(state)
+        if state is not None and len(self.projections):
+            self.projections.load_state_dict(state)
 
     # ---------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        logs.update(metrics)  # in place: `evaluate()` returns this same dict, so eval_loss_<term> reaches its caller
+        # Every process reaches each log (the Trainer's own loss logging is a collective too), so the terms are
+        # summed over processes here: one collective and one host sync per log, none per micro-step.
+        logs.update(self._pop_terms(self._term_mode, self._term_prefix))  # in place: `evaluate()` returns this dict
         super().log(logs, start_time)
-        self._metrics[mode].clear()
 
+    def _pop_terms(self, mode: str, prefix: str) -> dict[str, float]:
+        reduce = partial(self.accelerator.reduce, reduction="sum") if self.accelerator.num_processes > 1 else None
+        terms = self._term_metrics.pop(mode, reduce)
+        return terms if mode == "train" else {f"{prefix}_{key}": value for key, value in terms.items()}
 
-class _ZeroProjectionGrads(TrainerCallback):
-    """The Trainer zeroes the student's gradients after each optimizer step; the projections need the same."""
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        previous = self._term_mode, self._term_prefix
+        self._term_mode, self._term_prefix = "eval", metric_key_prefix
+        self._term_metrics.clear("eval")
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._term_mode, self._term_prefix = previous
 
-    def __init__(self, projections: nn.ModuleDict):
-        self.projections = projections
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.projections.zero_grad(set_to_none=True)
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """`Trainer.predict`, with each term's mean added to the returned metrics as `<prefix>_loss_<term>`."""
+        previous = self._term_mode, self._term_prefix
+        self._term_mode, self._term_prefix = "predict", metric_key_prefix
+        self._term_metrics.clear("predict")  # predictions have their own buffer: nothing leaks into a later log
+        try:
+            output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            output.metrics.update(self._pop_terms("predict", metric_key_prefix))
+            return output
+        finally:
+            self._term_mode, self._term_prefix = previous
 
 
 def _weighted_mean(values: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return sum(w * v for w, v in zip(weights, values)) / sum(weights)
-
-
-def _preflight_models(teacher: PreTrainedModel, student: PreTrainedModel, args: DistillationConfig) -> None:
-    """Checks that need only the two models, before any data is touched."""
-    t_vocab, s_vocab = getattr(teacher.config, "vocab_size", None), getattr(student.config, "vocab_size", None)
-    if t_vocab is not None and s_vocab is not None and t_vocab != s_vocab:
-        raise ValueError(
-            f"vocab_size differs: teacher {t_vocab}, student {s_vocab}. Teacher and student read the same token ids, "
-            "so they must share a tokenizer: build the student with make_student(teacher) or pick a student of the "
-            "teacher's family."
-        )
-    t_head, s_head = type(teacher).__name__, type(student).__name__
-    for suffix in ("ForSequenceClassification", "ForTokenClassification"):
-        if (
-            t_head.endswith(suffix)
-            and s_head.endswith(suffix)
-            and teacher.config.num_labels != student.config.num_labels
-        ):
-            raise ValueError(
-                f"num_labels differs: teacher {teacher.config.num_labels}, student {student.config.num_labels}. "
-                "Logit distillation compares the two heads class by class: give the student "
-                f"num_labels={teacher.config.num_labels} (make_student copies the teacher's head)."
-            )
-    if args.logits_weight > 0 and (t_head.endswith("Model") or s_head.endswith("Model")):
-        raise ValueError(
-            f"logits_weight={args.logits_weight} needs models with a head, got teacher {t_head} and student {s_head}. "
-            "Load task models (e.g. AutoModelForSequenceClassification) or set logits_weight=0."
-        )
-
-
-def _preflight_segment_ids(dataset, tokenizer, teacher: PreTrainedModel, student: PreTrainedModel) -> None:
-    """`token_type_ids` must reach the models that use segment ids, and are dropped (with a warning) for the others."""
-    columns = getattr(dataset, "column_names", None)
-    if not columns or "input_ids" not in columns:
-        return
-    users = [
-        (role, m)
-        for role, m in (("teacher", teacher), ("student", student))
-        if "token_type_ids" in forward_arg_names(m) and getattr(m.config, "type_vocab_size", 1) > 1
-    ]
-    if "token_type_ids" not in columns:
-        makes_segments = tokenizer is not None and "token_type_ids" in tokenizer("a", "b")
-        if users and makes_segments:
-            role, m = users[0]
-            raise ValueError(
-                f"train_dataset has no token_type_ids column, but the {role} ({m.config.model_type}) reads "
-                "segment ids "
-                "and the tokenizer produces them. Keep the token_type_ids column the tokenizer returns (do not drop "
-                "it in map), so text pairs keep their segments."
-            )
-        return
-    segmented = any(any(t != 0 for t in row) for row in dataset[: min(len(dataset), 64)]["token_type_ids"])
-    for role, m in (("teacher", teacher), ("student", student)):
-        if segmented and "token_type_ids" not in forward_arg_names(m):
-            logger.warning(
-                f"the data has token_type_ids (text pairs) but the {role} ({m.config.model_type}) takes none: it "
-                "sees the pair without segment ids, as DistilBERT does."
-            )
-
-
-def _preflight_tokenizers(student_tok, teacher_tok) -> None:
-    if student_tok is None or teacher_tok is None or student_tok is teacher_tok:
-        return
-    for text in SAMPLE_TEXTS:
-        s_ids, t_ids = student_tok(text)["input_ids"], teacher_tok(text)["input_ids"]
-        if s_ids != t_ids:
-            raise ValueError(
-                f"teacher_processing_class and processing_class tokenize {text!r} differently ({t_ids} vs {s_ids}). "
-                "Teacher and student must share one tokenizer: pass the teacher's tokenizer as processing_class."
-            )

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -54,8 +55,9 @@ from hf_distill import (
     tokenize_dataset,
 )
 
-SST2 = "/work/shared/data/sst2/train.tsv"
-OFFLINE_MODELS = "/work/shared/tools/offline_models.py"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # the shared data and tools sit next to the checkout (../shared/README.md)
+OUTPUTS = REPO / "outputs" / "bench_speed"
 DISTILL = dict(task_weight=0.5, logits_weight=0.5)
 HIDDEN = dict(DISTILL, hidden_weight=1.0)
 ATTENTION = dict(HIDDEN, attention_weight=1.0)
@@ -84,7 +86,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--configs", default="abcdef", help="which configurations to run, e.g. 'abde'")
-    parser.add_argument("--cache-dir", default="outputs/bench_speed/teacher_cache")
+    parser.add_argument("--shared-dir", default=str(SHARED), help="the shared folder (data/sst2, tools/)")
+    parser.add_argument("--cache-dir", default=str(OUTPUTS / "teacher_cache"))
     parser.add_argument("--rebuild-cache", action="store_true", help="delete the teacher cache first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", default=None, help="profile this configuration's steps with torch.profiler")
@@ -93,13 +96,18 @@ def parse_args(argv):
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def minilm_dir() -> str:
-    out = subprocess.run([sys.executable, OFFLINE_MODELS, "minilm"], capture_output=True, text=True, check=True)
+def sst2_train_file(args) -> str:
+    return str(Path(args.shared_dir) / "data" / "sst2" / "train.tsv")
+
+
+def minilm_dir(args) -> str:
+    tool = Path(args.shared_dir) / "tools" / "offline_models.py"
+    out = subprocess.run([sys.executable, str(tool), "minilm"], capture_output=True, text=True, check=True)
     return out.stdout.strip().split()[-1]
 
 
-def load_data(tokenizer, rows: int, max_length: int):
-    data_args = DataArguments(train_file=SST2, max_train_samples=rows, max_length=max_length)
+def load_data(tokenizer, train_file: str, rows: int, max_length: int):
+    data_args = DataArguments(train_file=train_file, max_train_samples=rows, max_length=max_length)
     raw = load_task_dataset(data_args, seed=0)
     return tokenize_dataset(raw, tokenizer, data_args)["train"]
 
@@ -133,7 +141,7 @@ def make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args
         teacher.set_attn_implementation("eager")
         student.set_attn_implementation("eager")
     config = DistillationConfig(
-        output_dir=f"outputs/bench_speed/{key}",
+        output_dir=str(OUTPUTS / key),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         learning_rate=5e-5,
@@ -210,12 +218,12 @@ def main(argv=None):
     ]
 
     # ------------------------------------------------------------------ models and data
-    path = minilm_dir()
+    path = minilm_dir(args)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
     teacher = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)  # untrained head: fine for speed
     student = make_student(teacher, num_layers=3, verbose=False)
-    train = load_data(tokenizer, len(batches) * args.batch_size, args.max_length)
+    train = load_data(tokenizer, sst2_train_file(args), len(batches) * args.batch_size, args.max_length)
 
     if args.memory_of:  # ---------------------------------------- one memory subprocess
         key, _, overrides, eager = configs[0]
@@ -272,7 +280,7 @@ def main(argv=None):
     if args.memory_steps:
         for key in trainers:
             cmd = [sys.executable, __file__, "--memory-of", key]
-            for flag in ("memory_steps", "steps", "batch_size", "max_length", "cache_dir", "threads"):
+            for flag in ("memory_steps", "steps", "batch_size", "max_length", "shared_dir", "cache_dir", "threads"):
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             memory[key] = json.loads(out.stdout.strip().splitlines()[-1])

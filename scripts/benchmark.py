@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------ run (every stage reused, resumed or run)
     start = time.perf_counter()
-    results = run_benchmark(config, root=REPO)
+    results = run_benchmark(config)  # relative paths: against the repository holding the config file
     elapsed = time.perf_counter() - start
 
     # ------------------------------------------------------------------ report

@@ -9,7 +9,6 @@ Values given on the command line override those of the recipe. Everything but th
 
 import logging
 import os
-import shutil
 import sys
 
 import transformers
@@ -24,11 +23,12 @@ from hf_distill import (
     load_or_make_student,
     load_task_dataset,
     load_teacher,
-    model_card,
     num_labels_of,
     parse_distill_args,
     prepare_output_dir,
     push_student,
+    save_student_from_trainer,
+    student_card,
     run_settings,
     tokenize_dataset,
 )
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None):
     model_args, data_args, run_args, training_args = args.model, args.data, args.run, args.training
     recipe_path = args.recipe_path
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the student folder alone, at the end
+    hub_token, training_args.hub_token = training_args.hub_token, None  # so no checkpoint's training_args.bin has it
 
     # ------------------------------------------------------------------ logging
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -97,45 +98,39 @@ def main(argv: list[str] | None = None):
     trainer.add_callback(RunConfigCallback(settings))  # each checkpoint carries the settings it was trained with
     trainer.train(resume_from_checkpoint=resume)
 
-    # ------------------------------------------------------------------ save the student alone (temp dir, then rename)
-    student_dir = os.path.join(training_args.output_dir, "student")
-    if trainer.is_world_process_zero():
-        tmp = student_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(student_dir + ".tmp")
-
-    # ------------------------------------------------------------------ evaluate
-    metrics = {}
+    # ------------------------------------------------------------------ evaluate (the student, then the teacher)
+    card_metrics = {}
     if "eval" in ds:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    if trainer.is_world_process_zero():
-        card_metrics = {"student_accuracy": metrics.get("eval_accuracy")}
-        if "eval" in ds:
+        card_metrics["student_accuracy"] = metrics.get("eval_accuracy")
+        if trainer.is_world_process_zero():
             collator = DataCollatorWithPadding(tokenizer)
             card_metrics["teacher_accuracy"] = evaluate_model(teacher, ds["eval"], collator)["accuracy"]
             card_metrics["speedup_batch32"] = measure_speedup(teacher, trainer.model, ds["eval"], collator)
             logger.info("teacher vs student: %s", card_metrics)
-        with open(os.path.join(student_dir + ".tmp", "README.md"), "w", encoding="utf-8") as f:
-            f.write(
-                model_card(
-                    teacher=model_args.teacher_model_name_or_path,
-                    recipe=os.path.basename(recipe_path) if recipe_path else "command line",
-                    dataset=data_args.dataset_name or data_args.train_file,
-                    student_params=trainer.model.num_parameters(),
-                    teacher_params=teacher.num_parameters(),
-                    metrics=card_metrics,
-                )
-            )
-        shutil.rmtree(student_dir, ignore_errors=True)
-        os.replace(student_dir + ".tmp", student_dir)
-        logger.info("student saved to %s", student_dir)
 
-    # ------------------------------------------------------------------ push
+    # ------------------------------------------------------------------ save the student alone (allow-list, atomic)
+    student_dir = os.path.join(training_args.output_dir, "student")
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    card = student_card(
+        model_args=model_args,
+        data_args=data_args,
+        training_args=training_args,
+        student=trainer.model,
+        teacher=teacher,
+        metrics=card_metrics,
+        recipe_path=recipe_path,
+        model_name=repo_id if push else None,
+    )
+    save_student_from_trainer(trainer, student_dir, card)  # weights, config, tokenizer, README.md: nothing else
+    logger.info("student saved to %s", student_dir)
+
+    # ------------------------------------------------------------------ push (the student folder's files alone)
     if push and trainer.is_world_process_zero():
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        logger.info("pushed: %s", push_student(student_dir, repo_id, token=training_args.hub_token))
+        url = push_student(student_dir, repo_id, token=hub_token, private=training_args.hub_private_repo)
+        logger.info("pushed to %s: %s", repo_id, url)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ def teacher():
     return BertForSequenceClassification(tiny_bert_config(num_layers=4, hidden=32))
 
 
+def teacher_with(**kw):
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config(num_layers=4, hidden=32, **kw))
+
+
 def student(**kw):
     torch.manual_seed(1)
     return BertForSequenceClassification(tiny_bert_config(**{"num_layers": 2, "hidden": 16, **kw}))
@@ -69,6 +74,40 @@ BAD_INPUTS = [
     ),
     ("unknown logit loss", lambda p, t: config(logits_loss="kld"), ValueError, r"logits_loss must be one of"),
     ("bad layer_mapping syntax", lambda p, t: config(layer_mapping="1-0"), ValueError, r"layer_mapping must be"),
+    (
+        "unknown distill_on",
+        lambda p, t: config(distill_on="tokens"),
+        ValueError,
+        r"distill_on must be one of \('labels', 'all_tokens'\), got 'tokens'",
+    ),
+    (
+        "softmax logit loss on a regression head",
+        lambda p, t: DistillationTrainer(
+            model=student(num_labels=1), teacher_model=teacher_with(num_labels=1), args=config(logits_loss="jsd")
+        ),
+        ValueError,
+        r"logits_loss='jsd' with a regression head .* identically 0 .* Set logits_loss='mse'",
+    ),
+    (
+        "softmax-only logit loss on a multi-label head",
+        lambda p, t: DistillationTrainer(
+            model=student(num_labels=3, problem_type="multi_label_classification"),
+            teacher_model=teacher_with(num_labels=3, problem_type="multi_label_classification"),
+            args=config(logits_loss="reverse_kl"),
+        ),
+        ValueError,
+        r"logits_loss='reverse_kl' with a multi-label head .* Set logits_loss='kl' \(per-class sigmoid KL",
+    ),
+    (
+        "teacher and student problem types differ",
+        lambda p, t: DistillationTrainer(
+            model=student(num_labels=3, problem_type="single_label_classification"),
+            teacher_model=teacher_with(num_labels=3, problem_type="multi_label_classification"),
+            args=config(),
+        ),
+        ValueError,
+        r"problem_type differs: teacher 'multi_label_classification', student 'single_label_classification'",
+    ),
     (
         "teacher layer out of range",
         lambda p, t: trainer(hidden_weight=1.0, layer_mapping="9->0"),

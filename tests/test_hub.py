@@ -1,27 +1,44 @@
-"""Publishing: the model card states what was measured; the push sends the student folder alone (offline fake API)."""
+"""Publishing: the model card states what was measured; the student folder is an allow-list written atomically; the
+push sends that folder's files alone and refuses anything else (offline fake API)."""
+
+import os
+import re
 
 import pytest
 import torch
 from conftest import tiny_bert_config
-from transformers import BertForSequenceClassification
+from huggingface_hub import ModelCard
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-from hf_distill import ModelArguments, load_teacher, model_card, push_student
+from hf_distill import (
+    DistillationConfig,
+    ModelArguments,
+    load_teacher,
+    model_card,
+    publishable_files,
+    push_student,
+    save_student,
+)
+
+TOKEN = "hf_SECRETtoken123"
 
 
 class FakeApi:
+    """Records the Hub write calls `push_student` makes."""
+
     def __init__(self):
         self.calls = []
 
-    def create_repo(self, repo_id, private=None, exist_ok=False):
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
         self.calls.append(("create_repo", repo_id, private, exist_ok))
 
-    def upload_folder(self, folder_path, repo_id, commit_message):
-        self.calls.append(("upload_folder", folder_path, repo_id))
+    def create_commit(self, repo_id, operations, commit_message, repo_type=None):
+        self.calls.append(("create_commit", repo_id, sorted(op.path_in_repo for op in operations)))
         return f"https://huggingface.co/{repo_id}/commit/0"
 
 
-def test_model_card_states_teacher_recipe_accuracy_kept_size_and_speedup():
-    card = model_card(
+def card(**kw):
+    args = dict(
         teacher="textattack/bert-base-uncased-SST-2",
         recipe="distilbert.yaml",
         dataset="glue/sst2",
@@ -29,35 +46,129 @@ def test_model_card_states_teacher_recipe_accuracy_kept_size_and_speedup():
         teacher_params=109_500_000,
         metrics={"teacher_accuracy": 0.92, "student_accuracy": 0.9, "speedup_batch32": 1.93},
     )
-    assert "textattack/bert-base-uncased-SST-2" in card and "distilbert.yaml" in card
-    assert "97.8% of the teacher's" in card
-    assert "67.0M" in card and "109.5M" in card and "1.93x" in card
-    assert card.startswith("---\nlibrary_name: transformers")
+    return model_card(**{**args, **kw})
+
+
+@pytest.fixture
+def student_dir(tmp_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(num_layers=2))
+    return save_student(model, tiny_tokenizer, tmp_path / "student", card())
+
+
+def test_model_card_states_teacher_recipe_accuracy_kept_size_and_speedup():
+    text = card()
+    assert "textattack/bert-base-uncased-SST-2" in text and "distilbert.yaml" in text
+    assert "97.8% of the teacher's" in text
+    assert "67.0M" in text and "109.5M" in text and "1.93x" in text
 
 
 def test_model_card_never_invents_missing_figures():
-    card = model_card(teacher="t", recipe="r", dataset="d", student_params=1, teacher_params=2, metrics={})
-    assert card.count("not measured") >= 3
+    text = model_card(teacher="t", recipe="r", dataset="d", student_params=1, teacher_params=2, metrics={})
+    assert text.count("not measured") >= 3
 
 
-def test_push_student_uploads_the_saved_student_folder(tmp_path):
-    torch.manual_seed(0)
-    BertForSequenceClassification(tiny_bert_config(num_layers=2)).save_pretrained(tmp_path / "student")
+def test_model_card_front_matter_parses_with_hub_model_card():
+    config = DistillationConfig(
+        output_dir="unused", hidden_weight=1.0, hidden_loss="cosine", layer_mapping="alternate"
+    )
+    parsed = ModelCard(card(dataset_id="glue", distillation=config, model_name="me/student"))
+    assert parsed.data.base_model == "textattack/bert-base-uncased-SST-2"
+    assert parsed.data.library_name == "transformers" and parsed.data.datasets == ["glue"]
+    result = parsed.data.eval_results[0]
+    assert (result.metric_type, result.metric_value, result.dataset_type) == ("accuracy", 0.9, "glue")
+    assert "| task | 0.5 | task loss on the labels |" in parsed.text
+    assert "| logits | 0.5 | kl at temperature 2.0" in parsed.text and "| hidden | 1 | cosine" in parsed.text
+    assert "loss = 0.5 · loss_task + 0.5 · loss_logits + 1 · loss_hidden" in parsed.text
+
+
+def test_model_card_has_no_made_up_url():
+    """The old card linked https://github.com/hf-distill/hf-distill, which does not exist."""
+    text = card(distillation=DistillationConfig(output_dir="unused"))
+    urls = re.findall(r"https?://[^\s)>\]]+", text)
+    assert "github.com" not in text
+    assert urls and all(url.startswith("https://arxiv.org/abs/") for url in urls), urls
+
+
+def test_local_teacher_gives_no_base_model(tmp_path):
+    """The Hub refuses a `base_model` that is not a model id: a local teacher is stated in the body only."""
+    (tmp_path / "teacher").mkdir()
+    parsed = ModelCard(card(teacher=str(tmp_path / "teacher")))
+    assert parsed.data.base_model is None and str(tmp_path / "teacher") in parsed.text
+
+
+def test_save_student_writes_only_the_allow_list(student_dir):
+    assert sorted(os.listdir(student_dir)) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert not os.path.exists(student_dir + ".tmp")
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir, use_safetensors=True)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_save_student_replaces_an_old_student_and_leaves_nothing_half_written(student_dir, tiny_tokenizer):
+    (open(os.path.join(student_dir, "training_args.bin"), "wb")).close()  # e.g. left by an older save_model
+    model = BertForSequenceClassification(tiny_bert_config(num_layers=1))
+    save_student(model, tiny_tokenizer, student_dir, card())
+    assert "training_args.bin" not in os.listdir(student_dir)
+    assert AutoModelForSequenceClassification.from_pretrained(student_dir).config.num_hidden_layers == 1
+
+    class Broken(BertForSequenceClassification):
+        def save_pretrained(self, path, **kw):
+            os.makedirs(path)
+            open(os.path.join(path, "config.json"), "w").close()
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_student(Broken(tiny_bert_config(num_layers=3)), tiny_tokenizer, student_dir, card())
+    assert not os.path.exists(student_dir + ".tmp")  # the half-written copy is gone
+    assert AutoModelForSequenceClassification.from_pretrained(student_dir).config.num_hidden_layers == 1
+
+
+def test_push_student_uploads_the_allow_listed_files_in_one_commit(student_dir):
     api = FakeApi()
-    url = push_student(str(tmp_path / "student"), "me/tiny-student", api=api)
+    url = push_student(student_dir, "me/tiny-student", api=api, token=TOKEN)
     assert url.endswith("/commit/0")
     assert api.calls == [
         ("create_repo", "me/tiny-student", None, True),
-        ("upload_folder", str(tmp_path / "student"), "me/tiny-student"),
+        ("create_commit", "me/tiny-student", sorted(os.listdir(student_dir))),
     ]
 
 
-def test_push_student_refuses_a_checkpoint_with_projections(tmp_path):
-    torch.manual_seed(0)
-    BertForSequenceClassification(tiny_bert_config(num_layers=2)).save_pretrained(tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "projections.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match="training-only files.*projections.pt"):
-        push_student(str(tmp_path / "ckpt"), "me/x", api=FakeApi())
+@pytest.mark.parametrize(
+    "name", ["projections.pt", "training_args.bin", "optimizer.pt", "pytorch_model.bin", "scheduler.pt", "notes.txt"]
+)
+def test_push_student_refuses_a_folder_with_anything_else(student_dir, name):
+    open(os.path.join(student_dir, name), "wb").close()
+    api = FakeApi()
+    with pytest.raises(ValueError, match=re.escape(f"never uploads: ['{name}']")):
+        push_student(student_dir, "me/x", api=api)
+    assert api.calls == []  # refused before any request
+
+
+def test_push_student_refuses_a_checkpoint_folder(student_dir):
+    os.makedirs(os.path.join(student_dir, "checkpoint-3"))
+    with pytest.raises(ValueError, match=r"\['checkpoint-3'\].*not a checkpoint"):
+        push_student(student_dir, "me/x", api=FakeApi())
+
+
+def test_push_student_refuses_a_file_holding_the_token(student_dir):
+    path = os.path.join(student_dir, "README.md")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"\ntoken: {TOKEN}\n")
+    api = FakeApi()
+    with pytest.raises(ValueError, match=r"\['README.md'\] contain the Hub token"):
+        push_student(student_dir, "me/x", api=api, token=TOKEN)
+    assert api.calls == []
+
+
+def test_publishable_files_needs_a_saved_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        publishable_files(tmp_path)
 
 
 def test_hub_id_teacher_fails_offline_with_a_clear_error(monkeypatch):

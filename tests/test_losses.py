@@ -22,6 +22,7 @@ from hf_distill.losses import (
     LOGIT_LOSSES,
     attention_kl_loss,
     attention_mse_loss,
+    binary_kl_div_loss,
     hidden_cosine_loss,
     hidden_mse_loss,
     jsd_loss,
@@ -65,6 +66,19 @@ def ref_position_jsd(s: list[float], t: list[float], temperature: float) -> floa
     p_s, p_t = ref_softmax([x / temperature for x in s]), ref_softmax([x / temperature for x in t])
     m = [0.5 * (a + b) for a, b in zip(p_s, p_t)]
     return temperature**2 * (0.5 * ref_kl(p_t, m) + 0.5 * ref_kl(p_s, m))
+
+
+def ref_sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def ref_position_binary_kl(s: list[float], t: list[float], temperature: float) -> float:
+    """Mean over classes of KL(Bernoulli(sigmoid(t/T)) || Bernoulli(sigmoid(s/T))), times T², one class at a time."""
+    total = 0.0
+    for s_c, t_c in zip(s, t):
+        q, p = ref_sigmoid(s_c / temperature), ref_sigmoid(t_c / temperature)
+        total += ref_kl([p, 1.0 - p], [q, 1.0 - q])
+    return temperature**2 * total / len(s)
 
 
 def ref_position_mse(s: list[float], t: list[float], temperature: float = 1.0) -> float:
@@ -178,6 +192,7 @@ CASES = [
     Case("reverse_kl", reverse_kl_div_loss, "logits", _per_position_ref(ref_position_reverse_kl)),
     Case("jsd", jsd_loss, "logits", _per_position_ref(ref_position_jsd)),
     Case("logits_mse", logits_mse_loss, "logits", _per_position_ref(ref_position_mse)),
+    Case("binary_kl", binary_kl_div_loss, "logits", _per_position_ref(ref_position_binary_kl)),
     Case("hidden_mse", hidden_mse_loss, "hidden", _per_position_ref(ref_position_mse)),
     Case("hidden_cosine", hidden_cosine_loss, "hidden", _per_position_ref(ref_position_cosine)),
     Case(
@@ -261,7 +276,9 @@ def test_num_items_in_batch_replaces_the_count(case):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", [c for c in DIVERGENCE_CASES if c.name != "reverse_kl"], ids=["kl", "jsd"])
+@pytest.mark.parametrize(
+    "case", [c for c in DIVERGENCE_CASES if c.name != "reverse_kl"], ids=["kl", "jsd", "binary_kl"]
+)
 def test_teacher_minus_inf_logits_give_finite_loss_and_grads(case):
     """Masked vocabulary entries (-inf teacher logits) count as probability 0: 0 * log 0 = 0, no NaN."""
     student, teacher, mask = make_logits((3, 6, 7), masked=True, seed=3)
@@ -569,4 +586,63 @@ def test_task_loss_matches_cross_entropy_and_masks_ignored_labels():
     none = task_loss(logits, torch.full((6,), -100))
     assert none.item() == 0.0
     none.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multi-label (per-class sigmoid) KD and the task losses of regression and multi-label heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_binary_kl_two_class_example_by_hand():
+    """Class 0: p_T = sigmoid(ln 3) = 3/4 against p_S = 1/2; class 1: 1/2 against 1/2 (0). Mean over the 2 classes."""
+    expected = (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)) / 2
+    torch.testing.assert_close(binary_kl_div_loss(HAND_STUDENT, HAND_TEACHER), torch.tensor(expected))
+    # Mean over rows x classes: two copies of the row give the same value; T² scaling at T = 2.
+    torch.testing.assert_close(
+        binary_kl_div_loss(HAND_STUDENT.repeat(2, 1), HAND_TEACHER.repeat(2, 1)), torch.tensor(expected)
+    )
+    torch.testing.assert_close(
+        binary_kl_div_loss(HAND_STUDENT, HAND_TEACHER * 2, temperature=2.0), torch.tensor(4 * expected)
+    )
+
+
+def test_binary_kl_is_not_the_softmax_kl_and_its_gradient_matches_bce_against_soft_targets():
+    """T²·KL(sigmoid(t/T) || sigmoid(s/T)) and T²·BCE(s/T, sigmoid(t/T)) differ by a constant: same gradient."""
+    student, teacher, _ = make_logits((4, 5), masked=False, seed=11)
+    assert not torch.allclose(binary_kl_div_loss(student, teacher), kl_div_loss(student, teacher))
+    s1 = student.clone().requires_grad_()
+    binary_kl_div_loss(s1, teacher, temperature=2.0).backward()
+    s2 = student.clone().requires_grad_()
+    (4.0 * F.binary_cross_entropy_with_logits(s2 / 2.0, torch.sigmoid(teacher / 2.0))).backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_task_loss_multi_label_is_bce_with_logits_and_regression_is_mse():
+    from hf_distill.losses.task import task_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3)
+    multi_hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    bce = F.binary_cross_entropy_with_logits(logits, multi_hot)  # mean over rows x classes
+    torch.testing.assert_close(task_loss(logits, multi_hot), bce)  # float labels, 3 outputs: inferred multi-label
+    torch.testing.assert_close(task_loss(logits, multi_hot.long(), problem_type="multi_label_classification"), bce)
+    torch.testing.assert_close(task_loss(logits, multi_hot, num_items_in_batch=8), bce * 4 / 8)
+    values = torch.randn(4)
+    one = torch.randn(4, 1)
+    torch.testing.assert_close(task_loss(one, values), F.mse_loss(one.squeeze(-1), values))
+    torch.testing.assert_close(task_loss(one, values, problem_type="regression"), F.mse_loss(one.squeeze(-1), values))
+    with pytest.raises(ValueError, match=r"multi-label labels have shape \(4,\) but the logits have shape \(4, 3\)"):
+        task_loss(logits, values, problem_type="multi_label_classification")
+
+
+@pytest.mark.parametrize("num_items", [0, torch.tensor(0)], ids=["int", "tensor"])
+def test_task_loss_of_a_window_without_labels_is_zero_not_nan(num_items):
+    """A gradient-accumulation window whose labels are all -100 passes num_items_in_batch=0: 0, never 0/0."""
+    from hf_distill.losses.task import task_loss
+
+    logits = torch.randn(3, 5, 7, requires_grad=True)
+    loss = task_loss(logits, torch.full((3, 5), -100), shift_labels=True, num_items_in_batch=num_items)
+    assert loss.item() == 0.0
+    loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))

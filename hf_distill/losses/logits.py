@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["jsd_loss", "kl_div_loss", "logits_mse_loss", "reverse_kl_div_loss"]
+__all__ = ["binary_kl_div_loss", "jsd_loss", "kl_div_loss", "logits_mse_loss", "reverse_kl_div_loss"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,3 +246,41 @@ def logits_mse_loss(
     mask = _check_mask(mask, student_logits.shape[:-1], "logits")
     per_position = (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
     return _reduce_per_position(per_position, mask, num_items_in_batch)
+
+
+def binary_kl_div_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-class binary KL divergence between sigmoid outputs at temperature T, times T², for multi-label heads.
+
+    A multi-label head makes C independent yes/no decisions, so each class c is distilled as its own Bernoulli
+    distribution ``p = sigmoid(logit_c / T)`` (the softmax over ``[logit_c / T, 0]``): per class,
+    ``T**2 * (p_T log(p_T / p_S) + (1 - p_T) log((1 - p_T) / (1 - p_S)))``, computed in fp32 from log-sigmoids.
+    Each row scores the **mean over its C classes**, so for ``(B, C)`` inputs and no mask the result is the mean over
+    rows x classes, the reduction of ``BCEWithLogitsLoss`` (and of the multi-label task loss).
+
+    Args:
+        student_logits: ``(..., C)`` student logits, any float dtype (upcast to fp32).
+        teacher_logits: ``(..., C)`` teacher logits, same shape as ``student_logits``.
+        mask: ``(...)`` bool tensor, True where the row counts; None = every row counts.
+        temperature: sigmoid temperature T > 0.
+        num_items_in_batch: if given, divide the summed loss by it (the rows of the whole gradient-accumulation
+            window) instead of by this call's number of counted rows.
+
+    Returns:
+        fp32 scalar: sum over counted rows of the class-mean / (number of counted rows or ``num_items_in_batch``).
+    """
+    _check_logits(student_logits, teacher_logits, temperature)
+    mask = _check_mask(mask, student_logits.shape[:-1], "logits")
+    s = student_logits.float() / temperature
+    t = teacher_logits.float() / temperature
+    # log sigmoid(x) and log(1 - sigmoid(x)) = log sigmoid(-x), stacked as a 2-way distribution per class.
+    log_s = torch.stack([F.logsigmoid(s), F.logsigmoid(-s)], dim=-1)
+    log_t = torch.stack([F.logsigmoid(t), F.logsigmoid(-t)], dim=-1)
+    per_row = _kl_per_position(log_t, log_s).mean(-1) * temperature**2
+    return _reduce_per_position(per_row, mask, num_items_in_batch)
