@@ -386,7 +386,7 @@ ROWS = [
     # ------------------------------------------------------------ resume
     Row("resume-other-settings", "resume", "rerun into an output_dir whose checkpoint has temperature 2.0, now 4.0",
         lambda p: prepare_output_dir(previous_run(p, temperature=2.0), {"temperature": 4.0}), ValueError,
-        "temperature", r"refusing to resume from .*checkpoint-2.*temperature: 2\.0 -> 4\.0"),
+        "temperature", r"(?s)refusing to resume from .*checkpoint-2.*temperature: 2\.0 -> 4\.0"),
     Row("resume-never-with-checkpoints", "resume", "resume: never into an output_dir that holds checkpoints",
         lambda p: prepare_output_dir(previous_run(p, temperature=2.0), {"temperature": 2.0}, resume="never"),
         ValueError, "resume", r"resume='never' but output_dir=.* already holds checkpoints \(checkpoint-2\)"),
