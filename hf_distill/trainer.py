@@ -26,6 +26,7 @@ from .features import check_attention_compatible, forward_with_features
 from .layer_mapping import build_layer_matches, build_projections, hidden_size
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
 from .losses.task import task_loss
+from .placement import prepare_teacher
 from .preflight import (
     SAMPLE_TEXTS,
     forward_arg_names,
@@ -151,7 +152,7 @@ class DistillationTrainer(Trainer):
         self.teacher = teacher_model
         self.teacher.eval()
         self.teacher.requires_grad_(False)
-        self.teacher.to(self.args.device)
+        self.teacher = prepare_teacher(self.teacher, self.accelerator, self.args)  # device, FSDP2 or ZeRO-3
 
         self.layer_matches: list[LayerMatch] = []
         if args.needs_layer_mapping:
