@@ -60,13 +60,13 @@ from .hub import (
     student_card,
 )
 from .layer_mapping import build_layer_matches, build_projections, resolve_layer_pairs
-from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES, binary_kl_div_loss
 from .losses.task import task_loss
 from .models import check_max_length, load_or_make_student, load_student, load_teacher
 from .placement import prepare_teacher, teacher_placement
 from .resume import RunConfigCallback, prepare_output_dir, run_settings
 from .student import default_student_layers, get_layers, make_student, num_layers
-from .trainer import DistillationTrainer
+from .trainer import DistillationTrainer, NonFiniteLossError
 
 __version__ = "0.1.0"
 
@@ -86,7 +86,9 @@ __all__ = [
     "LOGIT_LOSSES",
     "LabelInfo",
     "LayerMatch",
+    "MULTI_LABEL_LOGIT_LOSSES",
     "ModelArguments",
+    "NonFiniteLossError",
     "RunArguments",
     "RunConfigCallback",
     "TeacherCache",
@@ -95,6 +97,7 @@ __all__ = [
     "apply_label_info",
     "attach_teacher_cache",
     "attention_probabilities",
+    "binary_kl_div_loss",
     "build_layer_matches",
     "build_projections",
     "build_teacher_cache",

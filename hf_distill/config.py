@@ -17,6 +17,7 @@ LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddin
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHER_CACHE_DTYPES = ("float16", "float32")
+DISTILL_ON = ("labels", "all_tokens")
 # The values of `PretrainedConfig.problem_type`; `DataArguments.problem_type` picks one (None: from the labels).
 PROBLEM_TYPES = ("single_label_classification", "regression", "multi_label_classification")
 
@@ -59,7 +60,9 @@ class DistillationConfig(TrainingArguments):
             Softmax temperature T of the logit term. KL-type logit losses are multiplied by T² (Hinton et al. 2015,
             https://arxiv.org/abs/1503.02531) so that their gradients keep their scale as T changes.
         task_weight (`float`, defaults to `0.5`):
-            Weight of the task loss (cross-entropy on the labels; MSE for regression; shifted LM loss for causal LMs).
+            Weight of the task loss (cross-entropy on the labels; MSE for regression; binary cross-entropy per class
+            for multi-label; shifted LM loss for causal LMs). The problem type is the model config's `problem_type`,
+            else inferred as transformers does (`num_labels == 1`: regression; float labels: multi-label).
         logits_weight (`float`, defaults to `0.5`):
             Weight of the logit distillation term.
         hidden_weight (`float`, defaults to `0.0`):
@@ -70,7 +73,8 @@ class DistillationConfig(TrainingArguments):
             Weight of attention-probability matching over the pairings of `layer_mapping` (TinyBERT, MiniLM).
         logits_loss (`str`, defaults to `"kl"`):
             Logit divergence: `kl` (forward KL(teacher||student)), `reverse_kl`, `jsd` (Jensen-Shannon, beta 0.5) or
-            `mse` on raw logits.
+            `mse` on raw logits. Regression heads need `mse` (a softmax over one output is constant: the trainer
+            refuses the others); multi-label heads take `kl` (per-class sigmoid KL, `binary_kl_div_loss`) or `mse`.
         hidden_loss (`str`, defaults to `"mse"`):
             Hidden-state loss: `mse` or `cosine` (DistilBERT's cosine embedding loss).
         attention_loss (`str`, defaults to `"mse"`):
@@ -100,6 +104,15 @@ class DistillationConfig(TrainingArguments):
             Also cache the attention maps of the matched teacher layers, needed for `attention_weight > 0` with the
             cache. Off by default because each costs heads x L x L values per layer per row (96 KiB in float16 for
             12 heads at L = 64), against L x hidden for a hidden state.
+        distill_on (`str`, defaults to `"labels"`):
+            Positions the logit term scores for token-level students (causal LM, masked LM, token classification):
+            `labels` scores the positions the task loss scores, where the batch has token labels (`labels != -100`,
+            with the causal shift: the logits at position i are scored where `labels[i + 1] != -100`, so prompt
+            tokens, padding, the last position and non-first sub-words are left out), and every real token of the
+            attention mask in unlabelled batches; `all_tokens` scores every real token of the attention mask. The
+            term is normalised by the number of scored positions. Sequence classification ignores it (one row per
+            sequence). Hidden-state, embedding and attention matching always use every real token (feature
+            matching is about representations, not predictions).
     """
 
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the logit term (> 0)."})
@@ -141,6 +154,13 @@ class DistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "Also cache the matched layers' attention maps (heads x L x L per layer per row: large)."},
     )
+    distill_on: str = field(
+        default="labels",
+        metadata={
+            "help": f"Positions of the token-level logit term, one of {DISTILL_ON}: 'labels' = where labels != -100 "
+            "(shifted for causal LMs), 'all_tokens' = the attention mask. Sequence classification ignores it."
+        },
+    )
 
     def __post_init__(self):
         # The trainer computes its own loss from the logits; the labels column must reach compute_loss and
@@ -175,6 +195,11 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"teacher_dtype must be one of {TEACHER_DTYPES} or None, got {self.teacher_dtype!r}. "
                 "Use 'bfloat16' to halve the teacher's memory on GPUs that support it."
+            )
+        if self.distill_on not in DISTILL_ON:
+            raise ValueError(
+                f"distill_on must be one of {DISTILL_ON}, got {self.distill_on!r}. Use 'labels' to score the labelled "
+                "positions only, or 'all_tokens' for every real token."
             )
         parse_layer_mapping(self.layer_mapping)  # syntax check; ranges are checked against the models later
         self._check_teacher_cache()
