@@ -63,6 +63,7 @@ from .layer_mapping import build_layer_matches, build_projections, resolve_layer
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES, binary_kl_div_loss
 from .losses.task import task_loss
 from .models import check_max_length, load_or_make_student, load_student, load_teacher
+from .placement import prepare_teacher, teacher_placement
 from .resume import RunConfigCallback, prepare_output_dir, run_settings
 from .student import default_student_layers, get_layers, make_student, num_layers
 from .trainer import DistillationTrainer, NonFiniteLossError
@@ -133,6 +134,7 @@ __all__ = [
     "publishable_files",
     "push_student",
     "recipe_root",
+    "prepare_teacher",
     "resolve_layer_pairs",
     "resolve_recipe_paths",
     "save_student",
@@ -146,4 +148,5 @@ __all__ = [
     "teacher_weights_digest",
     "tokenize_dataset",
     "tokenizer_digest",
+    "teacher_placement",
 ]
