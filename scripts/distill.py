@@ -27,9 +27,9 @@ from hf_distill import (
     parse_distill_args,
     prepare_output_dir,
     push_student,
+    run_settings,
     save_student_from_trainer,
     student_card,
-    run_settings,
     tokenize_dataset,
 )
 from hf_distill.evaluation import evaluate_model, measure_speedup
