@@ -227,7 +227,6 @@ def test_a_different_run_is_refused_instead_of_resumed(workdir, tmp_path, monkey
     out = tmp_path / "run"
     short = ["--max_steps", "2"]
     distill.main(script_args(workdir, out, *short))
-    assert (out / "checkpoint-2" / RUN_CONFIG_NAME).is_file() and (out / RUN_CONFIG_NAME).is_file()
     card = (out / "student" / "README.md").read_bytes()
     other = ["--logits_loss", "mse", "--temperature", "4.0", "--learning_rate", "5e-4"]
     with pytest.raises(ValueError, match="refusing to resume") as e:
@@ -237,6 +236,7 @@ def test_a_different_run_is_refused_instead_of_resumed(workdir, tmp_path, monkey
         assert line in message
     assert "--overwrite_output_dir true" in message and "--output_dir" in message
     assert (out / "student" / "README.md").read_bytes() == card  # nothing of the refused run was written
+    assert (out / "checkpoint-2" / RUN_CONFIG_NAME).is_file() and (out / RUN_CONFIG_NAME).is_file()
 
     # The same settings resume (0 steps left); --overwrite_output_dir starts over with the new settings.
     distill.main(script_args(workdir, out, *short, "--resume", "auto"))
