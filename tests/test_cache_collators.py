@@ -17,6 +17,8 @@ from conftest import tiny_bert_config
 from datasets import Dataset
 from test_cache import SPEC, build, dataset, logged_terms, student_model, teacher_model
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertForMaskedLM,
     BertForTokenClassification,
     BertTokenizerFast,
@@ -308,3 +310,45 @@ def test_cached_training_matches_live_training_when_the_collator_creates_the_att
         assert set(e) == set(g) == {"loss_task", "loss_logits", "loss_hidden"}
         for term in e:
             assert math.isclose(e[term], g[term], rel_tol=1e-5, abs_tol=1e-7), (step, term, e[term], g[term])
+
+
+def segments_from_labels(tokenizer):
+    """A collator that marks each row's class in its segment ids: the teacher's inputs are made from the labels."""
+    pad = DataCollatorWithPadding(tokenizer)
+
+    def collate(rows):
+        batch = pad(rows)
+        batch["token_type_ids"] = batch["labels"][:, None] * batch["attention_mask"]
+        return batch
+
+    return collate
+
+
+def test_labels_are_part_of_the_key_only_when_the_collator_makes_teacher_inputs_of_them(tmp_path, tiny_tokenizer):
+    teacher, data = teacher_model(), dataset(tiny_tokenizer)
+    relabelled = data.map(lambda r: {"labels": 1 - r["labels"]})
+    first = build(tmp_path, teacher, data, tiny_tokenizer)
+    assert "labels" not in first.input_columns
+    assert build(tmp_path, teacher, relabelled, tiny_tokenizer).path == first.path  # labels never reach the teacher
+
+    def build_with(data):
+        collator = segments_from_labels(tiny_tokenizer)
+        return build_teacher_cache(teacher, data, collator, cache_dir=tmp_path / "cache", tokenizer=tiny_tokenizer)
+
+    own, other = build_with(data), build_with(relabelled)
+    assert own.built and other.built and own.path != other.path and "labels" in own.input_columns
+
+
+def test_an_encoder_decoder_teacher_is_refused(tmp_path, tiny_tokenizer):
+    config = BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2,
+    )  # fmt: skip
+    data = dataset(tiny_tokenizer).remove_columns("labels").map(lambda r: {"labels": r["input_ids"][:4]})
+    teacher = BartForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match="BartForConditionalGeneration is an encoder-decoder model"):
+        build_teacher_cache(
+            teacher, data, DataCollatorForSeq2Seq(tiny_tokenizer, model=teacher), cache_dir=tmp_path / "cache"
+        )
+    assert not (tmp_path / "cache").exists()

@@ -109,6 +109,12 @@ def build_teacher_cache(
         `TeacherCache` with `built=True` when this call built it.
     """
     spec = spec or TeacherCacheSpec()
+    if getattr(getattr(teacher, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"the teacher cache stores the teacher's outputs at the positions of each row's input_ids, but "
+            f"{type(teacher).__name__} is an encoder-decoder model (its logits follow the decoder's positions). Set "
+            "use_teacher_cache=False."
+        )
     columns = list(columns) if columns is not None else collated_columns(teacher, dataset)
     missing = [c for c in columns if c not in dataset.column_names]
     if missing or "input_ids" not in columns:
@@ -261,6 +267,11 @@ def _rows_of(
     if spec.logits:
         logits = features.outputs.logits.float()
         token_level = logits.dim() == 3
+        if token_level and logits.shape[1] != padded:
+            raise ValueError(
+                f"the teacher's logits have {logits.shape[1]} positions for input_ids of {padded}: the cache stores "
+                "outputs at the input positions and cannot hold these. Set use_teacher_cache=False."
+            )
         per_row = [logits[b, s] if token_level else logits[b] for b, s in enumerate(spans)]
         num_classes = logits.shape[-1]
         if spec.top_k is not None and spec.top_k < num_classes:
