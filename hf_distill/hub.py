@@ -343,7 +343,8 @@ def push_student(
         The commit URL.
     """
     folder = os.fspath(folder)
-    names = publishable_files(folder, token=token)
+    # The token the upload will use: the given one, else HF_TOKEN (HfApi's own fallback); neither may be uploaded.
+    names = publishable_files(folder, token=token or os.environ.get("HF_TOKEN"))
     if api is None:
         from huggingface_hub import HfApi
 

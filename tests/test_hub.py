@@ -166,6 +166,14 @@ def test_push_student_refuses_a_file_holding_the_token(student_dir):
     assert api.calls == []
 
 
+def test_push_student_refuses_a_file_holding_the_hf_token_env_var(student_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with open(os.path.join(student_dir, "config.json"), "a", encoding="utf-8") as f:
+        f.write(f"\n{TOKEN}")
+    with pytest.raises(ValueError, match=r"\['config.json'\] contain the Hub token"):
+        push_student(student_dir, "me/x", api=FakeApi())
+
+
 def test_publishable_files_needs_a_saved_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         publishable_files(tmp_path)
