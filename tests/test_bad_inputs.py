@@ -57,6 +57,7 @@ from hf_distill import (  # noqa: E402
     make_student,
     parse_distill_args,
     prepare_output_dir,
+    publishable_files,
     tokenize_dataset,
 )
 from hf_distill.resume import write_run_config  # noqa: E402
@@ -67,8 +68,8 @@ DOC = REPO / "docs" / "bad_inputs.md"
 # values, an example, the closest valid name).
 FIX = re.compile(
     r"\b(use|set|pass|drop|add|give|rename|remove|leave|fill|fix|keep|load|build|choose|point|delete|evaluate|"
-    r"train|distil|pad|write|resume|start|tokenize|call|lower|raise|install|rerun|run)\b|did you mean|one of|"
-    r"must be|e\.g\.|like '|such as",
+    r"train|distil|pad|write|resume|start|tokenize|call|lower|raise|install|rerun|run|push|save)\b|did you mean|"
+    r"one of|must be|e\.g\.|like '|such as",
     re.IGNORECASE,
 )
 
@@ -159,11 +160,11 @@ def distill_main() -> Callable:
     return module.main
 
 
-def distill(tmp: Path, *argv: str, train_rows=("a good film\t1", "bad\t0"), dev_rows=("fun\t1",)):
+def distill(tmp: Path, *argv: str, train_rows=("a good film\t1", "bad\t0"), dev_rows=("fun\t1",), **teacher_kw):
     """`scripts/distill.py` in-process on a saved tiny teacher and tiny train/dev files; `argv` overrides."""
     base = [
         "--teacher_model_name_or_path",
-        saved_teacher(tmp),
+        saved_teacher(tmp, **teacher_kw),
         "--train_file",
         tsv(tmp, list(train_rows)),
         "--validation_file",
@@ -206,6 +207,22 @@ def previous_run(tmp: Path, **settings) -> str:
     write_run_config(str(out), settings)
     write_run_config(str(checkpoint), settings)
     return str(out)
+
+
+def student_folder(tmp: Path, *extra: str, token: str | None = None) -> str:
+    """A saved student folder, plus `extra` files (e.g. a checkpoint's training_args.bin), the token in its card."""
+    path = tmp / "out" / "pushed"
+    student().save_pretrained(path)
+    (path / "README.md").write_text(f"A student. token={token}\n" if token else "A student.\n")
+    for name in extra:
+        (path / name).write_bytes(b"not for the Hub")
+    return str(path)
+
+
+def bare_peft_student():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(student(), LoraConfig(target_modules=["query", "value"]))  # no task_type
 
 
 def given_student(tmp: Path, **kw) -> str:
@@ -367,7 +384,35 @@ ROWS = [
     Row("num-labels-mismatch", "trainer", "a given student with 3 classes for a 2-class teacher",
         lambda p: trainer(p, student(num_labels=3)), ValueError, "num_labels",
         r"num_labels differs: teacher 2, student 3"),
+    Row("regression-with-softmax-kd", "trainer", "a regression pair (num_labels=1) with the default logits_loss kl",
+        lambda p: trainer(p, student(num_labels=1), teacher(num_labels=1)), ValueError, "logits_loss",
+        r"logits_loss='kl' with a regression head .*identically 0"),
+    Row("multi-label-with-jsd", "trainer", "a multi-label pair with logits_loss: jsd (a softmax divergence)",
+        lambda p: trainer(p, student(problem_type="multi_label_classification"),
+                          teacher(problem_type="multi_label_classification"), logits_loss="jsd"), ValueError,
+        "logits_loss", r"logits_loss='jsd' with a multi-label head"),
+    Row("problem-type-differs", "trainer", "a multi-label teacher with a single-label student",
+        lambda p: trainer(p, student(problem_type="single_label_classification"),
+                          teacher(problem_type="multi_label_classification")), ValueError, "problem_type",
+        r"problem_type differs: teacher 'multi_label_classification', student 'single_label_classification'"),
+    Row("bare-peft-student", "trainer", "a LoRA student made without task_type (a bare PeftModel)",
+        lambda p: trainer(p, bare_peft_student()), ValueError, "task_type", r"the student is a bare PeftModel"),
+    # ------------------------------------------------------------ publishing
+    Row("push-checkpoint-files", "publish", "pushing a folder that holds training_args.bin and optimizer.pt",
+        lambda p: publishable_files(student_folder(p, "training_args.bin", "optimizer.pt")), ValueError,
+        "training_args.bin", r"holds files a student push never uploads: \['optimizer\.pt', 'training_args\.bin'\]"),
+    Row("push-token-in-a-file", "publish", "pushing a folder whose README.md contains the Hub token",
+        lambda p: publishable_files(student_folder(p, token="hf_abcdefgh"), token="hf_abcdefgh"), ValueError,
+        "README.md", r"\['README\.md'\] contain the Hub token; refusing to push"),
+    Row("push-not-a-model", "publish", "pushing a folder without config.json (e.g. output_dir's parent)",
+        lambda p: publishable_files(p), FileNotFoundError, "config.json", r"has no config\.json"),
     # ------------------------------------------------------------ command line (scripts/distill.py)
+    Row("cli-float-labels-2-class-teacher", "command line", "float (regression) labels for a 2-class teacher",
+        lambda p: distill(p, train_rows=("a good film\t0.5", "bad\t1.5"), dev_rows=("fun\t1.0",)), ValueError,
+        "teacher_model_name_or_path", r"the teacher's trained head has 2 classes but the data has 1"),
+    Row("cli-regression-softmax-kd", "command line", "float labels, a regression teacher, default logits_loss kl",
+        lambda p: distill(p, train_rows=("a good film\t0.5", "bad\t1.5"), dev_rows=("fun\t1.0",), num_labels=1),
+        ValueError, "logits_loss", r"logits_loss='kl' with a regression head"),
     Row("cli-misspelt-flag", "command line", "--learning_rat 1e-3 (misspelt flag)",
         lambda p: distill(p, "--learning_rat", "1e-3"), ValueError, "--learning_rat",
         r"'--learning_rat' \(did you mean '--learning_rate'\?\)"),
@@ -498,7 +543,7 @@ def test_catalogue_has_30_distinct_rows_and_the_doc_lists_them_all(doc_errors):
     assert len(ids) == len(set(ids)) >= 30
     assert len({(row.trigger, row.match) for row in ROWS}) == len(ROWS)
     categories = {row.category for row in ROWS}
-    assert {"config", "recipe", "dataset", "models", "command line", "cache", "resume"} <= categories
+    assert {"config", "recipe", "dataset", "models", "command line", "cache", "resume", "publish"} <= categories
     # The whole doc is what the table renders (ids, order, categories, what, exception types), not only the messages.
     assert DOC.read_text(encoding="utf-8") == render_doc(doc_errors)
 
