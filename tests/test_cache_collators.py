@@ -185,8 +185,10 @@ def test_collator_settings_and_padding_side_are_part_of_the_key(tiny_tokenizer):
         "return_tensors": collator_fingerprint(tok, DataCollatorWithPadding(tok, return_tensors="np")),
         "class": collator_fingerprint(tok, DataCollatorForTokenClassification(tok)),
         "label_pad_token_id": collator_fingerprint(tok, DataCollatorForTokenClassification(tok, label_pad_token_id=0)),
-        "mlm": collator_fingerprint(tok, DataCollatorForLanguageModeling(tok, mlm=False)),
-        "mlm_probability": collator_fingerprint(tok, DataCollatorForLanguageModeling(tok, mlm=False, seed=3)),
+        "mlm=False": collator_fingerprint(tok, DataCollatorForLanguageModeling(tok, mlm=False)),
+        "mlm=True": collator_fingerprint(tok, DataCollatorForLanguageModeling(tok, mlm=True)),
+        "mlm_probability": collator_fingerprint(tok, DataCollatorForLanguageModeling(tok, mlm_probability=0.3)),
+        "seed": collator_fingerprint(tok, DataCollatorForLanguageModeling(tok, mlm=False, seed=3)),
         "function": collator_fingerprint(tok, default_data_collator),
         "class of the function": collator_fingerprint(tok, DefaultDataCollator()),
     }
@@ -209,6 +211,16 @@ def test_a_collator_padding_on_another_side_than_the_cache_assumes_is_refused(tm
     with pytest.raises(ValueError, match=r"padding_side='left'.*DataCollatorWithPadding pads on the right"):
         build(tmp_path, teacher_model(), dataset(tiny_tokenizer), tiny_tokenizer, padding_side="left")
     assert not os.listdir(tmp_path / "cache")
+    # Built for right padding, then the collator's tokenizer is switched to the left: training refuses the batch.
+    tokenizer = BertTokenizerFast(vocab=tiny_tokenizer.get_vocab(), do_lower_case=True)
+    data = dataset(tokenizer)
+    cache = build(tmp_path, teacher_model(), data, tokenizer)
+    collator = TeacherCacheCollator(DataCollatorWithPadding(tokenizer), cache.layouts, cache.padding_side)
+    rows = [attach_teacher_cache(data, cache)[i] for i in range(4)]
+    assert collator(rows)[LOGITS_COLUMN].shape == (4, 2)
+    tokenizer.padding_side = "left"
+    with pytest.raises(ValueError, match=r"padding_side='right'.*DataCollatorWithPadding pads on the left"):
+        collator(rows)
 
 
 # ------------------------------------------------------------------------------------------------ no attention mask

@@ -204,14 +204,15 @@ def _write_teacher_outputs(
     try:
         for start in range(0, len(fed), batch_size):
             rows = _rows(fed, start, start + batch_size)
-            lengths = [len(row["input_ids"]) for row in rows]
+            row_ids = [row["input_ids"] for row in rows]  # before collating: a collator may edit its rows
+            lengths = [len(ids) for ids in row_ids]
             if max_length is not None and max(lengths) > max_length:
                 raise ValueError(
                     f"row {start + int(np.argmax(lengths))} has {max(lengths)} tokens, more than max_length="
                     f"{max_length}. Pass the max_length the data was tokenized with."
                 )
             batch = collator(rows)
-            check_rows_in_place(batch, rows, padding_side, collator)
+            check_rows_in_place(batch, row_ids, padding_side, collator)
             # What the live path passes: every collated key the teacher's forward takes, labels excluded.
             inputs = {
                 k: v.to(device) if torch.is_tensor(v) else v for k, v in teacher_view(batch, teacher_inputs).items()

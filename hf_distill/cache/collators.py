@@ -147,29 +147,29 @@ def labels_reach_teacher(
         with _preserved_rng():
             _seed_all(PROBE_SEEDS[0])
             view = teacher_view(collator(unlabelled), teacher_inputs)
-    except Exception:  # noqa: BLE001 - a collator that needs its labels depends on them
+    except Exception:  # a collator that needs its labels depends on them
         return True
     return bool(_differing(reference, view))
 
 
-def check_rows_in_place(batch: dict[str, Any], rows: list[dict[str, Any]], padding_side: str, collator) -> None:
-    """Refuse a batch whose row b does not hold row b's `input_ids`, unchanged, at its `padding_side` positions.
+def check_rows_in_place(batch: dict[str, Any], row_ids: list[Any], padding_side: str, collator) -> None:
+    """Refuse a batch whose row b does not hold `row_ids[b]` (its input_ids) unchanged at its `padding_side` positions.
 
     Cached outputs are stored per row without padding and put back where the collator puts the row's tokens, so a
     collator that pads on the other side, or crops, reorders or packs rows, would misplace them.
     """
     ids = batch.get("input_ids")
     name = collator_name(collator)
-    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[0] != len(rows):
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[0] != len(row_ids):
         shape = tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
         raise ValueError(
             f"the teacher cache needs one batch row per data row, but {name} returned input_ids of shape {shape} "
-            f"for {len(rows)} rows (packed or flattened batches cannot be cached). Use a padding collator such as "
+            f"for {len(row_ids)} rows (packed or flattened batches cannot be cached). Use a padding collator such as "
             "DataCollatorWithPadding, or use_teacher_cache=False."
         )
     padded = ids.shape[1]
-    for b, row in enumerate(rows):
-        own = torch.as_tensor(row["input_ids"], dtype=ids.dtype)
+    for b, row in enumerate(row_ids):
+        own = torch.as_tensor(row, dtype=ids.dtype)
         here = ids[b, row_positions(len(own), padded, padding_side)].cpu()
         if len(own) > padded or not torch.equal(here, own):
             other = "left" if padding_side == "right" else "right"

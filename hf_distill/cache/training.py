@@ -46,10 +46,11 @@ class TeacherCacheCollator:
         if not features or not any(name in features[0] for name in self.layouts):
             return self.collator(features)
         rows = [{k: v for k, v in f.items() if k not in self.layouts} for f in features]
-        lengths = [len(row["input_ids"]) for row in rows]
+        row_ids = [row["input_ids"] for row in rows]
+        lengths = [len(ids) for ids in row_ids]
         batch = self.collator(rows)
         # The cache was built assuming this layout; a collator changed since (e.g. its padding side) is refused.
-        check_rows_in_place(batch, rows, self.padding_side, self.collator)
+        check_rows_in_place(batch, row_ids, self.padding_side, self.collator)
         padded = batch["input_ids"].shape[1]
         for name, (layout, width) in self.layouts.items():
             values = [torch.as_tensor(f[name]) for f in features]
