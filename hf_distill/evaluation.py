@@ -28,16 +28,32 @@ def load_metric(name: str = "accuracy"):
     return evaluate.load(str(path))
 
 
+def task_metrics(logits, labels, metric=None) -> dict[str, float]:
+    """Metrics for the task the labels imply (see `hf_distill.data`), from `(N, num_labels)` logits.
+
+    Integer class ids: `accuracy` of the argmax. Float multi-hot `(N, num_labels)` labels (multi-label): `accuracy`
+    is the exact-match rate of `logits > 0` (every class right), `label_accuracy` the rate per class. Float labels
+    with one output (regression): `mse`, and no accuracy (an argmax over one output would always be 0).
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if labels.dtype.kind == "f" and labels.ndim == 2:
+        right = (logits > 0) == (labels >= 0.5)
+        return {"accuracy": float(right.all(-1).mean()), "label_accuracy": float(right.mean())}
+    if labels.dtype.kind == "f":
+        return {"mse": float(((logits.reshape(labels.shape) - labels) ** 2).mean())}
+    metric = metric or load_metric("accuracy")
+    return metric.compute(predictions=logits.argmax(-1), references=labels)
+
+
 def classification_metrics():
-    """A `compute_metrics` for `Trainer`: accuracy of the argmax of the logits."""
+    """A `compute_metrics` for `Trainer`: argmax accuracy of the logits (`task_metrics` for float labels)."""
     metric = load_metric("accuracy")
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         logits, labels = eval_pred
         if isinstance(logits, tuple):
             logits = logits[0]
-        predictions = np.asarray(logits).argmax(-1)
-        return metric.compute(predictions=predictions, references=np.asarray(labels))
+        return task_metrics(logits, labels, metric)
 
     return compute_metrics
 
@@ -80,9 +96,9 @@ def predict_logits(model, dataset, collator, *, batch_size: int = 64) -> tuple[n
 
 
 def evaluate_model(model, dataset, collator, *, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy of a classifier on a tokenized dataset, through the shipped `evaluate` accuracy module."""
+    """Accuracy of a classifier on a tokenized dataset (`mse` for regression labels: see `task_metrics`)."""
     logits, labels = predict_logits(model, dataset, collator, batch_size=batch_size)
-    return load_metric("accuracy").compute(predictions=logits.argmax(-1), references=labels)
+    return task_metrics(logits, labels)
 
 
 def latency_batch(dataset, collator, batch_size: int, model=None) -> dict[str, torch.Tensor]:

@@ -1,13 +1,23 @@
 """Loading task data: string class labels, float (regression) and multi-label labels from files, label checks."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_bert_config
 from transformers import BertForSequenceClassification, DataCollatorWithPadding
 
-from hf_distill import DataArguments, apply_label_info, label_info, load_task_dataset, num_labels_of, tokenize_dataset
+from hf_distill import (
+    DataArguments,
+    apply_label_info,
+    classification_metrics,
+    label_info,
+    load_task_dataset,
+    num_labels_of,
+    tokenize_dataset,
+)
 
 
 def write_tsv(path, rows, header="sentence\tlabel"):
@@ -282,10 +292,21 @@ def test_regression_sets_problem_type(tmp_path):
     assert teacher.config.problem_type == student.config.problem_type == "regression"
 
 
+# ---------------------------------------------------------------------- metrics of float labels
+def test_metrics_follow_the_label_kind():
+    """Argmax accuracy for ids; exact match / per-class for multi-hot labels; MSE (no accuracy) for regression."""
+    metrics = classification_metrics()
+    assert metrics((np.array([[2.0, -1.0], [-1.0, 3.0]]), np.array([0, 0]))) == {"accuracy": 0.5}
+    logits = np.array([[1.0, -1.0, 2.0], [1.0, 1.0, -1.0]])
+    multi = metrics((logits, np.array([[1, 0, 1], [1, 0, 0]], dtype=np.float32)))
+    assert multi == {"accuracy": 0.5, "label_accuracy": pytest.approx(5 / 6)}
+    # An argmax over one output is always 0: before, float targets 1.0 / 2.0 were cast to ids and scored as "accuracy".
+    assert metrics((np.array([[0.5], [2.0]]), np.array([1.0, 2.0], dtype=np.float32))) == {"mse": 0.125}
+
+
 # ---------------------------------------------------------------------- the script
-@pytest.mark.slow
-def test_distill_script_stores_string_label_names_in_the_student(tmp_path, tiny_tokenizer):
-    """scripts/distill.py on World/Sports/Business labels: the saved student's config names the classes."""
+def run_script(tmp_path, tokenizer, train: str, dev: str, num_labels: int, *argv: str) -> dict:
+    """scripts/distill.py in-process on a tiny teacher of `num_labels` outputs; returns the saved student's config."""
     import importlib.util
     import os
 
@@ -294,23 +315,49 @@ def test_distill_script_stores_string_label_names_in_the_student(tmp_path, tiny_
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     torch.manual_seed(0)
-    BertForSequenceClassification(tiny_bert_config(num_layers=2, hidden=16, num_labels=3)).save_pretrained(
-        tmp_path / "teacher"
-    )
-    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
-    names = ["World", "Sports", "Business"]
-    train = write_tsv(tmp_path / "train.tsv", [f"the film {i}\t{names[i % 3]}" for i in range(6)])
-    dev = write_tsv(tmp_path / "dev.tsv", ["fun\tSports", "dull\tWorld"])
+    config = tiny_bert_config(num_layers=2, hidden=16, num_labels=num_labels)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
     out = tmp_path / "out"
     script.main(
         [
             *("--teacher_model_name_or_path", str(tmp_path / "teacher"), "--train_file", train),
-            *("--validation_file", dev, "--output_dir", str(out), "--max_length", "16", "--max_steps", "1"),
-            *("--per_device_train_batch_size", "4", "--student_num_layers", "1", "--use_cpu", "true"),
-            *("--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no"),
+            *("--validation_file", dev, "--output_dir", str(out), "--max_length", "16", "--max_steps", "2"),
+            *("--per_device_train_batch_size", "3", "--student_num_layers", "1", "--use_cpu", "true"),
+            *("--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "1"),
+            *argv,
         ]
     )
-    config = json.loads((out / "student" / "config.json").read_text())
+    results = json.loads((out / "all_results.json").read_text())
+    assert all(math.isfinite(v) for k, v in results.items() if k.startswith("eval_loss")), results
+    return json.loads((out / "student" / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_distill_script_stores_string_label_names_in_the_student(tmp_path, tiny_tokenizer):
+    """scripts/distill.py on World/Sports/Business labels: the saved student's config names the classes."""
+    names = ["World", "Sports", "Business"]
+    train = write_tsv(tmp_path / "train.tsv", [f"the film {i}\t{names[i % 3]}" for i in range(6)])
+    dev = write_tsv(tmp_path / "dev.tsv", ["fun\tSports", "dull\tWorld"])
+    config = run_script(tmp_path, tiny_tokenizer, train, dev, 3)
     assert config["id2label"] == {"0": "Business", "1": "Sports", "2": "World"}
     assert config["label2id"] == {"Business": 0, "Sports": 1, "World": 2}
     assert config["problem_type"] == "single_label_classification"
+
+
+@pytest.mark.slow
+def test_distill_script_trains_on_float_regression_labels(tmp_path, tiny_tokenizer):
+    train = write_tsv(tmp_path / "train.tsv", [f"the film {i}\t{i / 4}" for i in range(6)])
+    dev = write_tsv(tmp_path / "dev.tsv", ["fun\t0.5", "dull\t1.25"])
+    config = run_script(tmp_path, tiny_tokenizer, train, dev, 1, "--logits_loss", "mse")
+    assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+
+
+@pytest.mark.slow
+def test_distill_script_trains_on_multi_label_json_lists(tmp_path, tiny_tokenizer):
+    rows = [{"sentence": f"the film {i}", "label": [["World"], ["Sports", "World"], []][i % 3]} for i in range(6)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"sentence": "fun", "label": ["Sports"]}])
+    config = run_script(tmp_path, tiny_tokenizer, train, dev, 2)
+    assert config["problem_type"] == "multi_label_classification"
+    assert config["id2label"] == {"0": "Sports", "1": "World"}
