@@ -364,3 +364,12 @@ def test_an_encoder_decoder_teacher_is_refused(tmp_path, tiny_tokenizer):
             teacher, data, DataCollatorForSeq2Seq(tiny_tokenizer, model=teacher), cache_dir=tmp_path / "cache"
         )
     assert not (tmp_path / "cache").exists()
+
+
+def test_untokenized_data_and_columns_the_dataset_lacks_are_refused(tmp_path, tiny_tokenizer):
+    raw = Dataset.from_dict({"sentence": ["a good film", "not good"], "labels": [1, 0]})
+    with pytest.raises(ValueError, match="no input_ids column.*Tokenize first"):
+        build_teacher_cache(teacher_model(), raw, DataCollatorWithPadding(tiny_tokenizer), cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"columns must be dataset columns.*missing: \['position_id'\]"):
+        build(tmp_path, teacher_model(), dataset(tiny_tokenizer), tiny_tokenizer, columns=["input_ids", "position_id"])
+    assert not os.listdir(tmp_path)

@@ -115,7 +115,8 @@ def build_teacher_cache(
             f"{type(teacher).__name__} is an encoder-decoder model (its logits follow the decoder's positions). Set "
             "use_teacher_cache=False."
         )
-    columns = list(columns) if columns is not None else collated_columns(teacher, dataset)
+    default_columns = collated_columns(teacher, dataset)  # refuses untokenized data (no input_ids)
+    columns = list(columns) if columns is not None else default_columns
     missing = [c for c in columns if c not in dataset.column_names]
     if missing or "input_ids" not in columns:
         raise ValueError(
