@@ -282,6 +282,11 @@ def model_card(
     return "\n".join(lines)
 
 
+def count_parameters(model) -> int:
+    """Parameters of `model`, whole even when DeepSpeed ZeRO-3 has partitioned them (`ds_numel` is the full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def student_card(
     *,
     model_args,
@@ -316,8 +321,8 @@ def student_card(
         recipe=shown(recipe_path) if recipe_path else "command line",
         dataset=dataset,
         dataset_id=dataset_id,
-        student_params=student.num_parameters(),
-        teacher_params=teacher.num_parameters(),
+        student_params=count_parameters(student),
+        teacher_params=count_parameters(teacher),
         metrics=metrics,
         distillation=training_args,
         model_name=model_name,

@@ -33,6 +33,7 @@ from hf_distill import (
     tokenize_dataset,
 )
 from hf_distill.evaluation import evaluate_model, measure_speedup
+from hf_distill.placement import SHARDED_PLACEMENTS, teacher_placement
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,14 @@ def main(argv: list[str] | None = None):
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         card_metrics["student_accuracy"] = metrics.get("eval_accuracy")
-        if trainer.is_world_process_zero():
-            collator = DataCollatorWithPadding(tokenizer)
+        collator = DataCollatorWithPadding(tokenizer)
+        # A sharded teacher's forward is collective: every process runs it; its speed is then not a CPU figure.
+        sharded = teacher_placement(trainer.accelerator) in SHARDED_PLACEMENTS
+        if sharded or trainer.is_world_process_zero():
             card_metrics["teacher_accuracy"] = evaluate_model(teacher, ds["eval"], collator).get("accuracy")
-            card_metrics["speedup_batch32"] = measure_speedup(teacher, trainer.model, ds["eval"], collator)
+        if trainer.is_world_process_zero():
+            if not sharded:
+                card_metrics["speedup_batch32"] = measure_speedup(teacher, trainer.model, ds["eval"], collator)
             logger.info("teacher vs student: %s", card_metrics)
 
     # ------------------------------------------------------------------ save the student alone (allow-list, atomic)

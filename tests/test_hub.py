@@ -184,3 +184,17 @@ def test_hub_id_teacher_fails_offline_with_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="teacher_model_name_or_path='someone/no-such-model' could not be"):
         load_teacher(ModelArguments(teacher_model_name_or_path="someone/no-such-model"))
+
+
+def test_count_parameters_counts_zero3_partitioned_parameters_whole(tiny_teacher):
+    from hf_distill.hub import count_parameters
+
+    assert count_parameters(tiny_teacher) == tiny_teacher.num_parameters()
+    # Under ZeRO-3 each process holds an empty placeholder per parameter; `ds_numel` keeps the full size.
+    full = {}
+    for p in tiny_teacher.parameters():
+        full[p] = p.numel()
+        p.ds_numel = p.numel()
+        p.data = p.data.new_empty(0)
+    assert tiny_teacher.num_parameters() == 0
+    assert count_parameters(tiny_teacher) == sum(full.values())
