@@ -328,6 +328,34 @@ def _worker_zero3(out_dir: str, rank: int) -> dict:
     }
 
 
+def test_benchmarks_md_parity_table_is_the_committed_result():
+    """BENCHMARKS.md's parity rows are read from benchmarks/ddp_parity.json (written by benchmarks/ddp_parity.py)."""
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    result = json.loads((repo / "benchmarks" / "ddp_parity.json").read_text(encoding="utf-8"))
+    text = (repo / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert f"**{100 * result['teacher']['dev_accuracy']:.2f}%**" in text
+    for label, pair, runs in (
+        ("live teacher: 1 process vs 2", "no_cache", ("1proc", "2proc")),
+        ("teacher cache on: 1 process vs 2", "cache", ("1proc_cache", "2proc_cache")),
+    ):
+        c = result["comparisons"][pair]
+        assert c["within_tolerance"]
+        one, two = (100 * result["runs"][r]["eval_accuracy"] for r in runs)
+
+        def sci(x: float) -> str:
+            return f"{x:.1e}".replace("e-0", "e-")
+
+        row = (
+            f"| {label} | {sci(c['loss_max_abs_diff'])} | {sci(c['loss_max_rel_diff'])} | "
+            f"{sci(c['loss_task_max_abs_diff'])} / {sci(c['loss_logits_max_abs_diff'])} | "
+            f"{one:.2f} vs {two:.2f} ({c['accuracy_diff_points']:.2f} points) |"
+        )
+        assert row in text, row
+
+
 if __name__ == "__main__":
     case, out = sys.argv[1], sys.argv[2]
     rank = int(os.environ["RANK"])
