@@ -381,6 +381,33 @@ class DataArguments:
         default=None, metadata={"help": "Use a fixed shuffled subset of this many training rows (seeded by `seed`)."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
+    unlabelled_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Transfer set: a local .txt (one text a line) / .csv / .tsv / .json / .jsonl file of unlabelled "
+            "texts (the text column; labels, if any, are ignored). Its rows add only teacher terms to training."
+        },
+    )
+    unlabelled_split: str | None = field(
+        default=None,
+        metadata={"help": "Transfer set: a split of the Hub dataset `dataset_name` whose texts are used unlabelled."},
+    )
+    unlabelled_from_train: bool = field(
+        default=False,
+        metadata={
+            "help": "Transfer set: the training rows outside the `max_train_samples` subset, used without their "
+            "labels (needs max_train_samples)."
+        },
+    )
+    max_unlabelled_samples: int | None = field(
+        default=None, metadata={"help": "Use a seeded shuffled subset of this many unlabelled rows (unset: all)."}
+    )
+
+    @property
+    def unlabelled_source(self) -> str | None:
+        """The field naming the transfer set (`unlabelled_file`, `unlabelled_split`, `unlabelled_from_train`)."""
+        chosen = [name for name in UNLABELLED_SOURCES if getattr(self, name)]
+        return chosen[0] if chosen else None
 
     def __post_init__(self):
         if self.max_length < 1:
@@ -390,10 +417,47 @@ class DataArguments:
                 f"problem_type must be one of {PROBLEM_TYPES} or unset, got {self.problem_type!r}. Leave it unset to "
                 "infer the task from the label column."
             )
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "max_unlabelled_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or unset, got {value}. Leave it unset to use every row.")
+        check_unlabelled_source(self)
+
+
+UNLABELLED_SOURCES = ("unlabelled_file", "unlabelled_split", "unlabelled_from_train")
+
+
+def check_unlabelled_source(data_args: DataArguments) -> None:
+    """Refuse transfer-set settings that cannot work: two sources, a split without a Hub dataset, and so on."""
+    chosen = [name for name in UNLABELLED_SOURCES if getattr(data_args, name)]
+    if len(chosen) > 1:
+        raise ValueError(
+            f"set at most one unlabelled source, got {', '.join(f'{n}={getattr(data_args, n)!r}' for n in chosen)}. "
+            "Keep one of them and unset the others."
+        )
+    if data_args.unlabelled_split is not None and not data_args.dataset_name:
+        raise ValueError(
+            f"unlabelled_split={data_args.unlabelled_split!r} needs a Hub dataset (dataset_name), got local files. "
+            "Pass the unlabelled texts as unlabelled_file instead."
+        )
+    if data_args.unlabelled_split is not None and data_args.unlabelled_split in (
+        data_args.train_split,
+        data_args.eval_split,
+    ):
+        raise ValueError(
+            f"unlabelled_split={data_args.unlabelled_split!r} is also the train or eval split. Use "
+            "unlabelled_from_train=True for the training rows outside max_train_samples, or another split."
+        )
+    if data_args.unlabelled_from_train and data_args.max_train_samples is None:
+        raise ValueError(
+            "unlabelled_from_train=True needs max_train_samples (the labelled subset; the rest is unlabelled), got "
+            "max_train_samples=None. Set e.g. max_train_samples=8000."
+        )
+    if data_args.max_unlabelled_samples is not None and not chosen:
+        raise ValueError(
+            f"max_unlabelled_samples={data_args.max_unlabelled_samples} has no unlabelled source to limit. Set "
+            "unlabelled_file, unlabelled_split or unlabelled_from_train=True, or unset max_unlabelled_samples."
+        )
 
 
 SCRIPT_DATACLASSES = (ModelArguments, DataArguments, RunArguments, DistillationConfig)
@@ -418,6 +482,7 @@ def check_recipe_keys(recipe: dict[str, Any], dataclass_types=SCRIPT_DATACLASSES
 RECIPE_PATH_FIELDS = (
     "train_file",
     "validation_file",
+    "unlabelled_file",
     "output_dir",
     "logging_dir",
     "teacher_cache_dir",

@@ -403,7 +403,10 @@ def _renumber(ds: DatasetDict, column: str, new_ids: list[int], names: tuple[str
 
     def renumber(batch):
         col = batch[column]
-        batch[column] = [[new_ids[x] for x in row] for row in col] if multi else [new_ids[x] for x in col]
+        # A negative id (-1: an unlabelled transfer-set row, see `hf_distill.data`) is no class and stays as it is.
+        batch[column] = (
+            [[new_ids[x] for x in row] for row in col] if multi else [new_ids[x] if x >= 0 else x for x in col]
+        )
         return batch
 
     out = {}

@@ -25,7 +25,7 @@ from .config import DistillationConfig, LayerMatch
 from .features import check_attention_compatible, forward_with_features
 from .layer_mapping import build_layer_matches, build_projections, hidden_size
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
-from .losses.task import task_loss
+from .losses.task import labelled_float_rows, task_loss
 from .placement import prepare_teacher
 from .preflight import (
     SAMPLE_TEXTS,
@@ -283,8 +283,11 @@ class DistillationTrainer(Trainer):
         return problem_type_of_labels(labels, self.model.config.num_labels)
 
     def _label_count(self, labels: torch.Tensor) -> torch.Tensor:
-        """Items the task loss scores: rows for regression / multi-label, else labels != -100 (shifted for LMs)."""
-        if labels.is_floating_point() or self._problem_type(labels) in (REGRESSION, MULTI_LABEL):
+        """Items the task loss scores: labelled (not NaN) rows for regression / multi-label, else labels != -100
+        (shifted for LMs)."""
+        if labels.is_floating_point():
+            return labelled_float_rows(labels).sum()
+        if self._problem_type(labels) in (REGRESSION, MULTI_LABEL):
             return torch.tensor(labels.shape[0], device=labels.device)
         return (labels[..., 1:] if self._shift_labels else labels).ne(-100).sum()
 

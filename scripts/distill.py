@@ -32,6 +32,7 @@ from hf_distill import (
     student_card,
     tokenize_dataset,
 )
+from hf_distill.data import check_transfer_weights
 from hf_distill.evaluation import evaluate_model, measure_speedup
 from hf_distill.placement import SHARDED_PLACEMENTS, teacher_placement
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None):
     set_seed(training_args.seed)
 
     # ------------------------------------------------------------------ data
+    check_transfer_weights(data_args, training_args)  # a transfer set needs a teacher term, checked before loading
     raw = load_task_dataset(data_args, seed=training_args.seed)
     logger.info("data: %s", {split: len(d) for split, d in raw.items()})
 

@@ -42,8 +42,12 @@ def task_loss(
         problem_type = REGRESSION if logits.shape[-1] == 1 else MULTI_LABEL
     if problem_type == REGRESSION:
         rows = labels.shape[0]
-        per_item = (logits.float().view(rows, -1) - labels.float().view(rows, -1).to(logits.device)) ** 2
-        total, count = per_item.mean(-1).sum(), rows
+        targets = labels.float().view(rows, -1).to(logits.device)
+        # A row of NaN labels is unlabelled (a transfer-set row): it scores nothing and is not counted.
+        labelled = labelled_float_rows(targets)
+        targets = torch.where(labelled[:, None], targets, 0.0)
+        per_item = (logits.float().view(rows, -1) - targets) ** 2
+        total, count = torch.where(labelled, per_item.mean(-1), 0.0).sum(), labelled.sum()
     elif problem_type == MULTI_LABEL:
         targets = labels.float().to(logits.device)
         if targets.shape != logits.shape:
@@ -52,8 +56,10 @@ def task_loss(
                 f"{tuple(logits.shape)}: give each row a multi-hot float vector of num_labels={logits.shape[-1]} "
                 "entries (e.g. [1.0, 0.0, 1.0])."
             )
+        labelled = labelled_float_rows(targets)
+        targets = torch.where(labelled[:, None], targets, 0.0)
         per_item = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
-        total, count = per_item.mean(-1).sum(), labels.shape[0]
+        total, count = torch.where(labelled, per_item.mean(-1), 0.0).sum(), labelled.sum()
     else:
         if shift_labels:
             logits, labels = logits[..., :-1, :], labels[..., 1:]
@@ -68,3 +74,11 @@ def task_loss(
         # A window without one labelled item divides by 1, not 0: the loss is an exact 0, never NaN.
         return total / denominator.to(device=total.device, dtype=torch.float32).clamp(min=1.0)
     return total / max(denominator, 1)
+
+
+def labelled_float_rows(labels: torch.Tensor) -> torch.Tensor:
+    """`(B,)` bool: the rows of float labels (`(B,)` or `(B, C)`) that are labelled, i.e. not all NaN.
+
+    NaN labels mark unlabelled rows (a transfer set, see `hf_distill.data.UNLABELLED_COLUMN`).
+    """
+    return ~torch.isnan(labels.reshape(labels.shape[0], -1)).all(-1)

@@ -1,0 +1,335 @@
+"""Transfer-set distillation: unlabelled rows add only teacher terms (task loss masked, exact window normalisation),
+their sources load as `DataArguments` says, eval texts never leak in, and the teacher cache serves them too."""
+
+import logging
+import math
+
+import pytest
+import torch
+from conftest import WORDS, tiny_bert_config
+from datasets import Dataset
+from transformers import BertForSequenceClassification, DataCollatorWithPadding
+
+from hf_distill import DistillationConfig, DistillationTrainer, make_student
+from hf_distill.config import DataArguments
+from hf_distill.data import (
+    UNLABELLED_COLUMN,
+    check_transfer_weights,
+    labelled_rows,
+    load_task_dataset,
+    row_counts,
+    tokenize_dataset,
+)
+from hf_distill.losses.task import task_loss
+
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+# Per problem type: the teacher's head, the labels of a labelled row i, an unlabelled row's label, the logit loss.
+TASKS = {
+    "single": (dict(num_labels=2), lambda i: i % 2, -100, "kl"),
+    "regression": (dict(num_labels=1, problem_type="regression"), lambda i: 0.25 * (i % 5), math.nan, "mse"),
+    "multi_label": (
+        dict(num_labels=3, problem_type="multi_label_classification"),
+        lambda i: [float(i % 2), float(i % 3 == 0), 1.0],
+        [math.nan] * 3,
+        "kl",
+    ),
+}
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(WORDS), (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+        out.append(" ".join(WORDS[j] for j in idx))
+    return out
+
+
+def mixed_dataset(tokenizer, task: str, n: int = 16) -> Dataset:
+    """`n` rows, every third one unlabelled (-100 or NaN)."""
+    _, label, missing, _ = TASKS[task]
+    enc = tokenizer(texts(n), truncation=True, max_length=16)
+    labels = [missing if i % 3 == 1 else label(i) for i in range(n)]
+    return Dataset.from_dict({**enc, "labels": labels})
+
+
+def teacher_for(task: str):
+    torch.manual_seed(0)
+    return BertForSequenceClassification(
+        tiny_bert_config(num_layers=4, hidden=32, **TASKS[task][0], **NO_DROPOUT)
+    ).eval()
+
+
+def trainer_for(tmp_path, teacher, student, tokenizer, train, task, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        max_steps=1,
+        learning_rate=1e-1,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        task_weight=0.5,
+        logits_weight=0.5,
+        hidden_weight=1.0,
+        logits_loss=TASKS[task][3],
+    )
+    kwargs.update(overrides)
+    return DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=DistillationConfig(**kwargs),
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+
+
+def logged_terms(trainer) -> list[dict[str, float]]:
+    return [{k: v for k, v in e.items() if k.startswith("loss_")} for e in trainer.state.log_history if "loss" in e]
+
+
+# ------------------------------------------------------------------------------------------------ task loss / trainer
+@pytest.mark.parametrize("task", ["regression", "multi_label"])
+def test_task_loss_skips_nan_rows_and_divides_by_the_labelled_rows(task):
+    torch.manual_seed(0)
+    _, label, missing, _ = TASKS[task]
+    width = TASKS[task][0]["num_labels"]
+    logits = torch.randn(6, width)
+    labels = torch.tensor([missing if i in (1, 4) else label(i) for i in range(6)], dtype=torch.float32)
+    keep = torch.tensor([i not in (1, 4) for i in range(6)])
+    problem = "regression" if task == "regression" else "multi_label_classification"
+    got = task_loss(logits, labels, problem_type=problem)
+    expected = task_loss(logits[keep], labels[keep], problem_type=problem)
+    assert torch.isfinite(got) and torch.allclose(got, expected)
+    # Every row unlabelled: an exact, finite 0.
+    all_missing = torch.full_like(labels, math.nan)
+    assert task_loss(logits, all_missing, problem_type=problem).item() == 0.0
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_logged_task_loss_is_the_loss_of_the_labelled_rows_only(tmp_path, tiny_tokenizer, task):
+    teacher = teacher_for(task)
+    torch.manual_seed(0)
+    student = make_student(teacher, num_layers=2, verbose=False)
+    train = mixed_dataset(tiny_tokenizer, task, n=8)
+    batch = DataCollatorWithPadding(tiny_tokenizer)(train.to_list())
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = student(**batch).logits
+    keep = labels != -100 if not labels.is_floating_point() else ~torch.isnan(labels.reshape(8, -1)).all(-1)
+    problem = {"single": None, "regression": "regression", "multi_label": "multi_label_classification"}[task]
+    expected = task_loss(logits[keep], labels[keep], problem_type=problem).item()
+
+    trainer = trainer_for(tmp_path, teacher, student, tiny_tokenizer, train, task)
+    trainer.train()
+    (terms,) = logged_terms(trainer)
+    assert all(math.isfinite(v) for v in terms.values()), terms
+    assert math.isclose(terms["loss_task"], expected, rel_tol=1e-4), (terms["loss_task"], expected)
+    assert set(terms) == {"loss_task", "loss_logits", "loss_hidden"}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_gradient_accumulation_with_unlabelled_rows_matches_full_batch(tmp_path, tiny_tokenizer, task):
+    """2 micro-batches of 4 (labelled and unlabelled rows unevenly spread) == 1 batch of 8: the task loss divides by
+    the labelled rows of the whole window, the teacher terms by all its rows."""
+    teacher = teacher_for(task)
+    train = mixed_dataset(tiny_tokenizer, task, n=8)
+    results = []
+    for bs, ga in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        student = make_student(teacher, num_layers=2, verbose=False)
+        trainer = trainer_for(
+            tmp_path / f"ga{ga}", teacher, student, tiny_tokenizer, train, task, per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga, max_grad_norm=0.0, optim="sgd",
+        )  # fmt: skip
+        trainer.train()
+        results.append({k: v.detach().clone() for k, v in trainer.model.named_parameters()})
+    for k in results[0]:
+        assert torch.isfinite(results[0][k]).all(), k
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def write_tsv(path, rows, header=("sentence", "label")):
+    path.write_text("\n".join(["\t".join(header), *("\t".join(str(v) for v in r) for r in rows)]) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def sst_like(tmp_path):
+    """A train file of 20 rows (`train 0` ... `train 19`) and an eval file of 4 rows (`dev 0` ... `dev 3`)."""
+    train = write_tsv(tmp_path / "train.tsv", [(f"train {i}", ["neg", "pos"][i % 2]) for i in range(20)])
+    dev = write_tsv(tmp_path / "dev.tsv", [(f"dev {i}", ["neg", "pos"][i % 2]) for i in range(4)])
+    return train, dev
+
+
+def test_unlabelled_from_train_is_the_rest_of_the_train_split_disjoint_from_the_labelled_subset(sst_like):
+    train, dev = sst_like
+    args = DataArguments(train_file=train, validation_file=dev, max_train_samples=6, unlabelled_from_train=True)
+    ds = load_task_dataset(args, seed=3)
+    rows = ds["train"]
+    assert row_counts(rows) == {"labelled": 6, "unlabelled": 14}
+    flags = rows[UNLABELLED_COLUMN]
+    assert flags == [False] * 6 + [True] * 14  # labelled rows first
+    labelled = set(rows["sentence"][:6])
+    unlabelled = set(rows["sentence"][6:])
+    assert not labelled & unlabelled and labelled | unlabelled == {f"train {i}" for i in range(20)}
+    # The labelled subset is exactly the one max_train_samples gives without a transfer set.
+    plain = load_task_dataset(DataArguments(train_file=train, validation_file=dev, max_train_samples=6), seed=3)
+    assert plain["train"]["sentence"] == rows["sentence"][:6] and plain["train"]["label"] == rows["label"][:6]
+    assert labelled_rows(rows)["sentence"] == plain["train"]["sentence"]
+    assert UNLABELLED_COLUMN not in labelled_rows(rows).column_names
+    # Seeded: the same seed gives the same rows in the same order, another seed another order.
+    assert load_task_dataset(args, seed=3)["train"]["sentence"] == rows["sentence"]
+    assert load_task_dataset(args, seed=4)["train"]["sentence"] != rows["sentence"]
+    # max_unlabelled_samples takes a subset of the same pool.
+    few = load_task_dataset(
+        DataArguments(
+            train_file=train, validation_file=dev, max_train_samples=6, unlabelled_from_train=True,
+            max_unlabelled_samples=5,
+        ),
+        seed=3,
+    )  # fmt: skip
+    assert row_counts(few["train"]) == {"labelled": 6, "unlabelled": 5}
+    assert set(few["train"]["sentence"][6:]) <= unlabelled
+
+
+@pytest.mark.parametrize("kind", ["txt", "tsv", "jsonl"])
+def test_unlabelled_file_rows_are_appended_and_tokenized_with_masked_labels(tmp_path, sst_like, tiny_tokenizer, kind):
+    train, dev = sst_like
+    extra = [f"story {w}" for w in WORDS[:5]]
+    path = tmp_path / f"extra.{kind}"
+    if kind == "txt":
+        path.write_text("\n".join(extra) + "\n")
+    elif kind == "tsv":
+        write_tsv(path, [(t,) for t in extra], header=("sentence",))
+    else:
+        path.write_text("".join(f'{{"sentence": "{t}", "label": "ignored"}}\n' for t in extra))
+    ds = load_task_dataset(DataArguments(train_file=train, validation_file=dev, unlabelled_file=str(path)))
+    assert row_counts(ds["train"]) == {"labelled": 20, "unlabelled": 5}
+    assert sorted(ds["train"]["sentence"][20:]) == sorted(extra)
+    tokenized = tokenize_dataset(ds, tiny_tokenizer, DataArguments(train_file=train))
+    labels = tokenized["train"]["labels"]
+    assert labels[20:] == [-100] * 5 and all(v in (0, 1) for v in labels[:20])
+    assert set(tokenized["eval"]["labels"]) == {0, 1}
+
+
+def test_unlabelled_split_of_a_dataset_folder(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    header = "sentence,label\n"
+    (folder / "train.csv").write_text(header + "".join(f"train {i},{i % 2}\n" for i in range(6)))
+    (folder / "validation.csv").write_text(header + "dev 0,0\ndev 1,1\n")
+    (folder / "test.csv").write_text(header + "".join(f"test {i},-1\n" for i in range(4)) + "dev 1,-1\n")
+    args = DataArguments(dataset_name=str(folder), unlabelled_split="test")
+    ds = load_task_dataset(args, seed=0)
+    # GLUE-style test labels (-1) are never read; the copy of an eval sentence is dropped.
+    assert row_counts(ds["train"]) == {"labelled": 6, "unlabelled": 4}
+    assert sorted(ds["train"]["sentence"][6:]) == [f"test {i}" for i in range(4)]
+    with pytest.raises(ValueError, match=r"unlabelled_split='unseen' is not a split .* it has"):
+        load_task_dataset(DataArguments(dataset_name=str(folder), unlabelled_split="unseen"))
+
+
+def test_copies_of_eval_texts_are_dropped_and_counted(tmp_path, sst_like, caplog):
+    train, dev = sst_like
+    path = tmp_path / "extra.txt"
+    path.write_text("dev 0\nnew text\n dev 2 \nother text\n\n")
+    with caplog.at_level(logging.WARNING, logger="hf_distill.data"):
+        ds = load_task_dataset(DataArguments(train_file=train, validation_file=dev, unlabelled_file=str(path)))
+    assert sorted(ds["train"]["sentence"][20:]) == ["new text", "other text"]
+    assert "dropped 2 of 5 unlabelled rows that repeat an eval text exactly" in caplog.text
+    assert "and 1 empty rows" in caplog.text
+    only_eval = tmp_path / "only_eval.txt"
+    only_eval.write_text("dev 0\ndev 1\n")
+    with pytest.raises(ValueError, match=r"unlabelled_file gives no unlabelled rows once copies of eval texts \(2\)"):
+        load_task_dataset(DataArguments(train_file=train, validation_file=dev, unlabelled_file=str(only_eval)))
+
+
+def test_float_and_multi_label_unlabelled_rows_tokenize_to_nan(tmp_path, tiny_tokenizer):
+    train = write_tsv(tmp_path / "reg.tsv", [(f"train {i}", 0.5 * i) for i in range(6)])
+    args = DataArguments(train_file=train, max_train_samples=4, unlabelled_from_train=True)
+    labels = tokenize_dataset(load_task_dataset(args), tiny_tokenizer, args)["train"]["labels"]
+    assert all(math.isfinite(v) for v in labels[:4]) and all(math.isnan(v) for v in labels[4:])
+
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text("".join(f'{{"sentence": "train {i}", "label": {["a", "b"][: 1 + i % 2]}}}\n' for i in range(6)))
+    multi.write_text(multi.read_text().replace("'", '"'))
+    args = DataArguments(train_file=str(multi), max_train_samples=4, unlabelled_from_train=True)
+    labels = tokenize_dataset(load_task_dataset(args), tiny_tokenizer, args)["train"]["labels"]
+    assert all(len(row) == 2 and all(v in (0.0, 1.0) for v in row) for row in labels[:4])
+    assert all(len(row) == 2 and all(math.isnan(v) for v in row) for row in labels[4:])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(train_file="t.tsv", unlabelled_file="u.txt", unlabelled_from_train=True, max_train_samples=4),
+            r"at most one unlabelled source, got unlabelled_file='u.txt', unlabelled_from_train=True",
+        ),
+        (dict(train_file="t.tsv", unlabelled_from_train=True), r"unlabelled_from_train=True needs max_train_samples"),
+        (dict(train_file="t.tsv", unlabelled_split="test"), r"unlabelled_split='test' needs a Hub dataset"),
+        (dict(dataset_name="glue", unlabelled_split="train"), r"unlabelled_split='train' is also the train or eval"),
+        (dict(train_file="t.tsv", max_unlabelled_samples=5), r"max_unlabelled_samples=5 has no unlabelled source"),
+        (dict(train_file="t.tsv", unlabelled_file="u.txt", max_unlabelled_samples=0), r"max_unlabelled_samples must"),
+    ],
+)
+def test_bad_transfer_settings_are_refused_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DataArguments(**kwargs)
+
+
+def test_bad_unlabelled_files_are_refused(tmp_path, sst_like):
+    train, dev = sst_like
+    with pytest.raises(FileNotFoundError, match=r"unlabelled_file='.*missing.txt' does not exist"):
+        load_task_dataset(DataArguments(train_file=train, unlabelled_file=str(tmp_path / "missing.txt")))
+    wrong = write_tsv(tmp_path / "wrong.tsv", [("x",)], header=("text",))
+    with pytest.raises(ValueError, match=r"have no column 'sentence' .* set text_column to match"):
+        load_task_dataset(DataArguments(train_file=train, unlabelled_file=wrong))
+    parquet = tmp_path / "u.parquet"
+    parquet.write_text("x")
+    with pytest.raises(ValueError, match=r"unlabelled_file=.* has extension '.parquet'"):
+        load_task_dataset(DataArguments(train_file=train, unlabelled_file=str(parquet)))
+
+
+# ------------------------------------------------------------------------------------------------ teacher cache
+@pytest.mark.parametrize("task", list(TASKS))
+def test_cached_teacher_gives_the_live_losses_on_labelled_and_unlabelled_rows(tmp_path, tiny_tokenizer, task):
+    """The teacher cache is keyed by the teacher's inputs, not the labels: unlabelled rows get their teacher outputs
+    from it like labelled ones, every logged term equals the live teacher's, and the teacher never runs."""
+    teacher = teacher_for(task)
+    train = mixed_dataset(tiny_tokenizer, task, n=16)
+    logs, calls = [], []
+    for name, cache in (("live", {}), ("cached", dict(use_teacher_cache=True, teacher_cache_dtype="float32"))):
+        torch.manual_seed(0)
+        student = make_student(teacher, num_layers=2, verbose=False)
+        trainer = trainer_for(
+            tmp_path / name, teacher, student, tiny_tokenizer, train, task, max_steps=3, learning_rate=1e-2, **cache
+        )
+        if cache:
+            assert trainer.teacher_cache is not None and trainer.teacher_cache.built
+            handle = trainer.teacher.register_forward_pre_hook(lambda *_: calls.append(1))
+        trainer.train()
+        logs.append(logged_terms(trainer))
+    handle.remove()
+    assert not calls, "the teacher ran although its outputs were cached"
+    live, cached = logs
+    assert len(live) == len(cached) == 3
+    for step, (e, g) in enumerate(zip(live, cached)):
+        assert set(e) == set(g) == {"loss_task", "loss_logits", "loss_hidden"}
+        for term in e:
+            assert math.isfinite(e[term]) and math.isclose(e[term], g[term], rel_tol=1e-5, abs_tol=1e-7), (step, term)
+
+
+def test_a_transfer_set_without_a_teacher_term_is_refused(tmp_path):
+    data = DataArguments(train_file="t.tsv", unlabelled_file="u.txt")
+    no_teacher = DistillationConfig(output_dir=str(tmp_path), task_weight=1.0, logits_weight=0.0, report_to="none")
+    with pytest.raises(
+        ValueError, match=r"unlabelled_file='u.txt' adds unlabelled rows, but every teacher term is off"
+    ):
+        check_transfer_weights(data, no_teacher)
+    check_transfer_weights(data, DistillationConfig(output_dir=str(tmp_path), report_to="none"))  # logits on: fine
+    check_transfer_weights(DataArguments(train_file="t.tsv"), no_teacher)  # no transfer set: the no-KD baseline
