@@ -133,11 +133,16 @@ def check_mlm(model, tokenizer) -> None:
 
 
 def _blocked_ids(tokenizer, vocab_size: int) -> torch.Tensor:
-    """A boolean mask over the vocabulary: special tokens, `##` continuations and ids the tokenizer cannot decode."""
+    """A boolean mask over the vocabulary of ids never proposed as a word.
+
+    Special tokens, `##` continuations, reserved slots such as BERT's `[unused7]`, blank tokens, and ids past the
+    tokenizer's vocabulary (a model's embedding table may be padded).
+    """
     blocked = torch.zeros(vocab_size, dtype=torch.bool)
     tokens = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
     for i, token in enumerate(tokens):
-        blocked[i] = token is None or token.startswith("##") or not token.strip()
+        reserved = token is not None and len(token) > 2 and token[0] + token[-1] in ("[]", "<>")
+        blocked[i] = token is None or token.startswith("##") or not token.strip() or reserved
     blocked[len(tokens) :] = True
     blocked[[i for i in tokenizer.all_special_ids if i < vocab_size]] = True
     return blocked

@@ -46,7 +46,7 @@ def source():
 @pytest.fixture(scope="module")
 def mlm():
     """A tiny BertForMaskedLM and its tokenizer; `##ing` makes "boring"-like words of two wordpieces possible."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "year", "##ing"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "year", "##ing", "[unused0]", "<unk2>"]
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     torch.manual_seed(0)
     return BertForMaskedLM(tiny_bert_config(vocab_size=len(vocab))).eval(), tokenizer
@@ -148,9 +148,10 @@ def test_row_output_depends_on_its_index_not_its_neighbours(source, method):
 
 
 def test_rows_that_cannot_change_yield_nothing():
-    data = Dataset.from_dict({"sentence": ["fun", "fun fun", "good movie"]})
+    # Only whitespace would differ for rows 1-3 (SST-2 sentences end in a space): that is the unchanged sentence.
+    data = Dataset.from_dict({"sentence": ["fun", "fun fun ", " fun  fun", "", "good movie "]})
     out = augment_dataset(data, "sentence", method="swap", n_per_row=4, seed=0)
-    assert out["sentence"] == ["movie good"] and out[SOURCE_INDEX_COLUMN] == [2]
+    assert out["sentence"] == ["movie good"] and out[SOURCE_INDEX_COLUMN] == [4]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -286,8 +287,16 @@ def test_mlm_candidates_only_for_single_wordpiece_words(mlm):
     vocab = set(tokenizer.get_vocab())
     for word, cands in zip(words, candidates):
         assert word not in cands and len(set(cands)) == len(cands)
-        assert all(c in vocab and not c.startswith("##") and c not in tokenizer.all_special_tokens for c in cands)
+        assert all(c in vocab and not c.startswith(("##", "[", "<")) for c in cands)
     assert candidates == mlm_word_candidates(words, model, tokenizer, top_k=4)
+
+
+def test_mlm_never_proposes_special_reserved_or_continuation_tokens(mlm):
+    model, tokenizer = mlm
+    never = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "##ing", "[unused0]", "<unk2>"}
+    words = "the movie was good".split()
+    for word, cands in zip(words, mlm_word_candidates(words, model, tokenizer, top_k=1000)):
+        assert set(cands) == set(tokenizer.get_vocab()) - never - {word}
 
 
 def test_mlm_candidates_are_the_models_top_k(mlm):
@@ -299,7 +308,8 @@ def test_mlm_candidates_are_the_models_top_k(mlm):
     masked[0, 2] = tokenizer.mask_token_id  # "movie"
     with torch.no_grad():
         logits = model(input_ids=masked).logits[0, 2]
-    allowed = [i for i in logits.argsort(descending=True).tolist() if i >= 5 and i != ids[0, 2].item()]
+    never = {*tokenizer.all_special_ids, *tokenizer.convert_tokens_to_ids(["##ing", "[unused0]", "<unk2>"])}
+    allowed = [i for i in logits.argsort(descending=True).tolist() if i not in never and i != ids[0, 2].item()]
     assert candidates[1] == tokenizer.convert_ids_to_tokens(allowed[:3])
 
 
