@@ -227,6 +227,12 @@ def _check_settings(dataset: Dataset, text_column: str, method: str, n_per_row: 
             f"text_column {text_column!r} is not a column of the dataset (columns: {dataset.column_names}). "
             "Pass the column that holds the raw text, e.g. 'sentence'."
         )
+    dtype = getattr(dataset.features[text_column], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise ValueError(
+            f"text_column {text_column!r} must hold strings, got {dataset.features[text_column]}. Pass the raw text "
+            "column, not a tokenized or label column."
+        )
     if isinstance(n_per_row, bool) or not isinstance(n_per_row, int) or n_per_row < 1:
         raise ValueError(f"n_per_row must be an integer >= 1, got {n_per_row!r}. Use e.g. 4.")
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
@@ -353,6 +359,8 @@ def augment_dataset(
         source order.
     """
     _check_settings(dataset, text_column, method, n_per_row, p, top_k)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}. Use e.g. 42.")
     if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
         raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}. Use e.g. 10.")
     if method == "mlm":
@@ -375,25 +383,33 @@ def augment_dataset(
     blocked = None
     if method == "mlm":
         blocked = _blocked_ids(mlm_tokenizer, mlm_model.get_output_embeddings().weight.shape[0])
-    augmented = dataset.select_columns([text_column]).map(
-        _augment_batch,
-        batched=True,
-        with_indices=True,
-        batch_size=batch_size,
-        num_proc=num_proc,
-        remove_columns=[text_column],
-        keep_in_memory=True,
-        new_fingerprint=fingerprint[:32],  # the default would hash the function, MLM weights included
-        fn_kwargs={
-            "text_column": text_column,
-            "settings": settings,
-            "vocabulary": vocabulary,
-            "mlm_model": mlm_model,
-            "mlm_tokenizer": mlm_tokenizer,
-            "blocked": blocked,
-        },
-        desc=f"Augmenting ({method})",
-    )
+    # Dropout would make the MLM's candidates random: run it in eval mode, and hand it back as it came.
+    was_training = method == "mlm" and mlm_model.training
+    if was_training:
+        mlm_model.eval()
+    try:
+        augmented = dataset.select_columns([text_column]).map(
+            _augment_batch,
+            batched=True,
+            with_indices=True,
+            batch_size=batch_size,
+            num_proc=num_proc,
+            remove_columns=[text_column],
+            keep_in_memory=True,
+            new_fingerprint=fingerprint[:32],  # the default would hash the function, MLM weights included
+            fn_kwargs={
+                "text_column": text_column,
+                "settings": settings,
+                "vocabulary": vocabulary,
+                "mlm_model": mlm_model,
+                "mlm_tokenizer": mlm_tokenizer,
+                "blocked": blocked,
+            },
+            desc=f"Augmenting ({method})",
+        )
+    finally:
+        if was_training:
+            mlm_model.train()
     logger.info(f"Augmented {len(dataset)} rows into {len(augmented)} with method={method!r}")
     if path is None:
         return augmented

@@ -165,6 +165,8 @@ BAD_SETTINGS = [
     ({"n_per_row": 2.5}, "n_per_row must be an integer >= 1, got 2.5"),
     ({"method": "backtranslate"}, "method must be one of"),
     ({"text_column": "text"}, "text_column 'text' is not a column"),
+    ({"text_column": "label"}, "text_column 'label' must hold strings"),
+    ({"seed": 1.5}, "seed must be an integer, got 1.5"),
     ({"top_k": 0}, "top_k must be an integer >= 1, got 0"),
     ({"max_tries": 0}, "max_tries must be an integer >= 1, got 0"),
     ({"method": "mlm"}, "method='mlm' needs mlm_model and mlm_tokenizer"),
@@ -334,6 +336,20 @@ def test_mlm_augmentation_replaces_only_words(source, mlm, tmp_path):
     assert again.to_dict() == out.to_dict()
     other = augment_dataset(source, "sentence", mlm_model=model, mlm_tokenizer=tokenizer, **{**kwargs, "seed": 1})
     assert other["sentence"] != out["sentence"]
+
+
+def test_mlm_in_train_mode_is_run_in_eval_mode_and_handed_back(source, mlm):
+    model, tokenizer = mlm
+    kwargs = {"method": "mlm", "n_per_row": 3, "seed": 0, "p": 0.5, "mlm_tokenizer": tokenizer}
+    expected = augment_dataset(source, "sentence", mlm_model=model, **kwargs)
+    model.train()  # dropout 0.1: its candidates would change from call to call
+    try:
+        torch.manual_seed(123)
+        got = augment_dataset(source, "sentence", mlm_model=model, **kwargs)
+        assert model.training
+    finally:
+        model.eval()
+    assert got.to_dict() == expected.to_dict()
 
 
 def test_mlm_cache_rebuilds_on_changed_weights(source, mlm, tmp_path):
