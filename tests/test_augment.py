@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import WORDS, tiny_bert_config
 from datasets import Dataset
-from transformers import BertForMaskedLM, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertForMaskedLM, BertForSequenceClassification, BertTokenizerFast, DataCollatorWithPadding
 
-from hf_distill import augment
+from hf_distill import augment, build_teacher_cache
 from hf_distill.augment import (
     EDA_METHODS,
     SOURCE_INDEX_COLUMN,
@@ -362,3 +362,16 @@ def test_mlm_cache_rebuilds_on_changed_weights(source, mlm, tmp_path):
     other = BertForMaskedLM(tiny_bert_config(vocab_size=len(tokenizer))).eval()
     augment_dataset(source, "sentence", mlm_model=other, **kwargs)
     assert len(os.listdir(tmp_path)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The point of it: the teacher labels the augmented rows once, through the teacher cache
+# ---------------------------------------------------------------------------------------------------------------------
+def test_teacher_cache_labels_the_augmented_rows(source, tmp_path, tiny_teacher, tiny_tokenizer):
+    out = augment_dataset(source, "sentence", method="eda", n_per_row=2, seed=0, cache_dir=tmp_path / "augmented")
+    tokenized = out.map(lambda b: tiny_tokenizer(b["sentence"], truncation=True), batched=True)
+    collator = DataCollatorWithPadding(tiny_tokenizer)
+    cache = build_teacher_cache(tiny_teacher, tokenized, collator, cache_dir=tmp_path / "teacher", batch_size=4)
+    assert cache.built and len(cache.dataset) == len(out)
+    again = build_teacher_cache(tiny_teacher, tokenized, collator, cache_dir=tmp_path / "teacher", batch_size=4)
+    assert not again.built and again.fingerprint == cache.fingerprint
