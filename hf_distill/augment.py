@@ -378,6 +378,11 @@ def augment_dataset(
             )
         logger.info(f"Using the augmented set at {path}")
         return load_from_disk(path)
+    if path is not None and os.path.exists(path):
+        raise ValueError(
+            f"{path} exists but is not an augmented set (no {METADATA_NAME}); it is not ours to overwrite. Delete it "
+            "or pass another cache_dir."
+        )
 
     vocabulary = corpus_vocabulary(dataset[text_column]) if method in ("insert", "replace", "eda") else []
     blocked = None

@@ -268,6 +268,20 @@ def test_nothing_half_written_on_an_error(source, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == before  # no temp dir, no partial entry
 
 
+def test_a_foreign_directory_at_the_entry_is_refused_before_any_work(source, tmp_path, monkeypatch):
+    augment_dataset(source, "sentence", method="eda", n_per_row=2, seed=0, cache_dir=tmp_path)
+    (entry,) = os.listdir(tmp_path)
+    os.remove(tmp_path / entry / augment.METADATA_NAME)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("augmented although the entry cannot be written")
+
+    monkeypatch.setattr(augment, "eda_edit", fail)
+    with pytest.raises(ValueError, match="exists but is not an augmented set"):
+        augment_dataset(source, "sentence", method="eda", n_per_row=2, seed=0, cache_dir=tmp_path)
+    assert os.listdir(tmp_path) == [entry]
+
+
 def test_mid_augmentation_error_leaves_no_entry(source, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("edit failed")
