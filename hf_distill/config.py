@@ -406,8 +406,7 @@ class DataArguments:
     @property
     def unlabelled_source(self) -> str | None:
         """The field naming the transfer set (`unlabelled_file`, `unlabelled_split`, `unlabelled_from_train`)."""
-        chosen = [name for name in UNLABELLED_SOURCES if getattr(self, name)]
-        return chosen[0] if chosen else None
+        return unlabelled_source(self)
 
     def __post_init__(self):
         if self.max_length < 1:
@@ -425,6 +424,12 @@ class DataArguments:
 
 
 UNLABELLED_SOURCES = ("unlabelled_file", "unlabelled_split", "unlabelled_from_train")
+
+
+def unlabelled_source(settings) -> str | None:
+    """The transfer-set field set on `settings` (a `DataArguments` or a `BenchmarkConfig`), or None."""
+    chosen = [name for name in UNLABELLED_SOURCES if getattr(settings, name)]
+    return chosen[0] if chosen else None
 
 
 def check_unlabelled_source(data_args: DataArguments) -> None:

