@@ -373,3 +373,18 @@ def test_untokenized_data_and_columns_the_dataset_lacks_are_refused(tmp_path, ti
     with pytest.raises(ValueError, match=r"columns must be dataset columns.*missing: \['position_id'\]"):
         build(tmp_path, teacher_model(), dataset(tiny_tokenizer), tiny_tokenizer, columns=["input_ids", "position_id"])
     assert not os.listdir(tmp_path)
+
+
+def test_data_digest_of_a_text_column_is_a_function_of_the_texts():
+    # np.asarray(...).tobytes() of a string column hashed the addresses of Python objects: a new digest on every call.
+    from hf_distill.cache import data_digest
+
+    ds = Dataset.from_dict({"input_ids": [[1, 2], [3]], "sentence": ["a good film", "bad"]})
+    assert data_digest(ds, ["sentence"]) == data_digest(ds, ["sentence"])
+    same = Dataset.from_dict({"input_ids": [[1, 2], [3]], "sentence": ["a good film", "bad"]})
+    assert data_digest(same, ["sentence", "input_ids"]) == data_digest(ds, ["sentence", "input_ids"])
+    other = Dataset.from_dict({"input_ids": [[1, 2], [3]], "sentence": ["a good film", "bad!"]})
+    assert data_digest(other, ["sentence"]) != data_digest(ds, ["sentence"])
+    # Moving a character across the row boundary changes the digest (lengths are hashed with the bytes).
+    shifted = Dataset.from_dict({"input_ids": [[1, 2], [3]], "sentence": ["a good fil", "mbad"]})
+    assert data_digest(shifted, ["sentence"]) != data_digest(ds, ["sentence"])

@@ -190,7 +190,13 @@ def data_digest(dataset: Dataset, columns: list[str]) -> str:
             while hasattr(array, "flatten") and hasattr(array, "value_lengths"):  # list columns: lengths, then values
                 h.update(np.asarray(array.value_lengths().fill_null(0)).tobytes())
                 array = array.flatten()
-            h.update(np.asarray(array).tobytes())
+            values = np.asarray(array)
+            if values.dtype == object:  # strings / bytes: hash their contents, not the addresses of Python objects
+                for value in array.to_pylist():
+                    data = b"\xff" if value is None else value.encode() if isinstance(value, str) else bytes(value)
+                    h.update(len(data).to_bytes(8, "little") + data)
+            else:
+                h.update(values.tobytes())
     return h.hexdigest()
 
 
