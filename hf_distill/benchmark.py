@@ -65,12 +65,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 # Re-exported: the configuration lives in its own module, every name stays importable from here.
 from .benchmark_config import BENCHMARK_PATH_FIELDS, BenchmarkConfig, load_benchmark_config  # noqa: F401
-from .config import DataArguments, DistillationConfig, ModelArguments, load_recipe, unlabelled_source
+from .config import DataArguments, DistillationConfig, ModelArguments, load_recipe
 from .data import check_transfer_weights, labelled_rows, load_task_dataset, num_labels_of, row_counts, tokenize_dataset
 from .evaluation import LATENCY_BATCH_SIZES, load_metric, measure_latencies, predict_logits
 from .models import load_teacher
 from .student import make_student
 from .trainer import DistillationTrainer
+from .transfer import unlabelled_source
 
 STAGE_FILE = "stage.json"
 SPEC_FILE = "spec.json"

@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from .config import check_unlabelled_source, recipe_root
+from .config import recipe_root
+from .transfer import check_unlabelled_source
 
 
 # ---------------------------------------------------------------------------------------------------- configuration

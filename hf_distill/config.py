@@ -12,6 +12,7 @@ import yaml
 from transformers import TrainingArguments
 
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .transfer import check_unlabelled_source, unlabelled_source
 
 LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
@@ -421,48 +422,6 @@ class DataArguments:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or unset, got {value}. Leave it unset to use every row.")
         check_unlabelled_source(self)
-
-
-UNLABELLED_SOURCES = ("unlabelled_file", "unlabelled_split", "unlabelled_from_train")
-
-
-def unlabelled_source(settings) -> str | None:
-    """The transfer-set field set on `settings` (a `DataArguments` or a `BenchmarkConfig`), or None."""
-    chosen = [name for name in UNLABELLED_SOURCES if getattr(settings, name)]
-    return chosen[0] if chosen else None
-
-
-def check_unlabelled_source(data_args: DataArguments) -> None:
-    """Refuse transfer-set settings that cannot work: two sources, a split without a Hub dataset, and so on."""
-    chosen = [name for name in UNLABELLED_SOURCES if getattr(data_args, name)]
-    if len(chosen) > 1:
-        raise ValueError(
-            f"set at most one unlabelled source, got {', '.join(f'{n}={getattr(data_args, n)!r}' for n in chosen)}. "
-            "Keep one of them and unset the others."
-        )
-    if data_args.unlabelled_split is not None and not data_args.dataset_name:
-        raise ValueError(
-            f"unlabelled_split={data_args.unlabelled_split!r} needs a Hub dataset (dataset_name), got local files. "
-            "Pass the unlabelled texts as unlabelled_file instead."
-        )
-    if data_args.unlabelled_split is not None and data_args.unlabelled_split in (
-        data_args.train_split,
-        data_args.eval_split,
-    ):
-        raise ValueError(
-            f"unlabelled_split={data_args.unlabelled_split!r} is also the train or eval split. Use "
-            "unlabelled_from_train=True for the training rows outside max_train_samples, or another split."
-        )
-    if data_args.unlabelled_from_train and data_args.max_train_samples is None:
-        raise ValueError(
-            "unlabelled_from_train=True needs max_train_samples (the labelled subset; the rest is unlabelled), got "
-            "max_train_samples=None. Set e.g. max_train_samples=8000."
-        )
-    if data_args.max_unlabelled_samples is not None and not chosen:
-        raise ValueError(
-            f"max_unlabelled_samples={data_args.max_unlabelled_samples} has no unlabelled source to limit. Set "
-            "unlabelled_file, unlabelled_split or unlabelled_from_train=True, or unset max_unlabelled_samples."
-        )
 
 
 SCRIPT_DATACLASSES = (ModelArguments, DataArguments, RunArguments, DistillationConfig)

@@ -17,6 +17,7 @@ from hf_distill.benchmark import BenchmarkConfig, StageResult, fingerprint, form
 from hf_distill.config import DataArguments
 from hf_distill.data import (
     UNLABELLED_COLUMN,
+    apply_label_info,
     check_transfer_weights,
     labelled_rows,
     load_task_dataset,
@@ -480,3 +481,17 @@ def test_benchmark_with_a_transfer_set_end_to_end(tmp_path, tiny_tokenizer):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "the distilled rows train on 64 labelled + 64 unlabelled rows" in md
     assert "| vanilla_kd | vanilla_kd |" in md and md.count("| 64 + 0 |") == 2 and "| 64 + 64 |" in md
+
+
+def test_renumbering_to_the_teachers_label_order_keeps_unlabelled_rows_unlabelled(sst_like, tiny_tokenizer):
+    """A teacher whose id2label is in another order re-numbers the data's classes; the -1 placeholder of unlabelled
+    rows is no class and must not become one (it used to index the last class: new_ids[-1])."""
+    train, dev = sst_like
+    args = DataArguments(train_file=train, validation_file=dev, max_train_samples=6, unlabelled_from_train=True)
+    raw = load_task_dataset(args)
+    teacher = BertForSequenceClassification(tiny_bert_config(num_layers=2, hidden=16, id2label={0: "pos", 1: "neg"}))
+    renumbered = apply_label_info(raw, "label", teacher)
+    sentences, labels = renumbered["train"]["sentence"], renumbered["train"]["label"]
+    assert labels[6:] == [-1] * 14
+    assert all(label == (0 if int(s.split()[1]) % 2 else 1) for s, label in zip(sentences[:6], labels[:6]))
+    assert tokenize_dataset(renumbered, tiny_tokenizer, args)["train"]["labels"][6:] == [-100] * 14
