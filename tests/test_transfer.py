@@ -7,9 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+import test_scripts
 import torch
 from conftest import WORDS, tiny_bert_config
 from datasets import Dataset
+from test_scripts import load_script, overrides
 from transformers import BertForSequenceClassification, DataCollatorWithPadding
 
 from hf_distill import DistillationConfig, DistillationTrainer, benchmark, make_student
@@ -495,3 +497,31 @@ def test_renumbering_to_the_teachers_label_order_keeps_unlabelled_rows_unlabelle
     assert labels[6:] == [-1] * 14
     assert all(label == (0 if int(s.split()[1]) % 2 else 1) for s, label in zip(sentences[:6], labels[:6]))
     assert tokenize_dataset(renumbered, tiny_tokenizer, args)["train"]["labels"][6:] == [-100] * 14
+
+
+# ------------------------------------------------------------------------------------------------ scripts/distill.py
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_tokenizer):
+    """tests/test_scripts.py's tiny teacher and train/dev TSV files."""
+    return test_scripts.workdir.__wrapped__(tmp_path_factory, tiny_tokenizer)
+
+
+def test_distill_script_trains_on_a_transfer_set_and_refuses_one_without_teacher_terms(workdir, tmp_path):
+    distill = load_script()
+    out = tmp_path / "run"
+    argv = overrides(
+        workdir, out, "--student_num_layers", "2", "--max_train_samples", "16", "--unlabelled_from_train", "true",
+        "--max_steps", "3", "--hidden_weight", "0",
+    )  # fmt: skip
+    distill.main(argv)
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "loss_task" in e]
+    assert len(logged) == 3 and all(math.isfinite(e["loss_task"]) and e["loss_logits"] >= 0 for e in logged)
+    with pytest.raises(ValueError, match=r"unlabelled_from_train=True adds unlabelled rows, but every teacher term"):
+        distill.main(
+            overrides(
+                workdir, tmp_path / "refused", "--student_num_layers", "2", "--max_train_samples", "16",
+                "--unlabelled_from_train", "true", "--logits_weight", "0", "--hidden_weight", "0",
+            )
+        )  # fmt: skip
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
