@@ -47,12 +47,16 @@ from .config import (
     resolve_recipe_paths,
 )
 from .data import (
+    UNLABELLED_COLUMN,
     LabelInfo,
     apply_label_info,
+    check_transfer_weights,
     encode_labels,
     label_info,
+    labelled_rows,
     load_task_dataset,
     num_labels_of,
+    row_counts,
     tokenize_dataset,
 )
 from .evaluation import classification_metrics, load_metric, measure_latency
@@ -108,6 +112,7 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheCollator",
     "TeacherCacheSpec",
+    "UNLABELLED_COLUMN",
     "apply_label_info",
     "attach_teacher_cache",
     "attention_probabilities",
@@ -121,6 +126,7 @@ __all__ = [
     "check_attention_compatible",
     "check_max_length",
     "check_recipe_keys",
+    "check_transfer_weights",
     "classification_metrics",
     "corpus_vocabulary",
     "data_digest",
@@ -133,6 +139,7 @@ __all__ = [
     "get_layers",
     "has_cached_teacher",
     "label_info",
+    "labelled_rows",
     "load_metric",
     "load_or_make_student",
     "load_recipe",
@@ -161,6 +168,7 @@ __all__ = [
     "recipe_root",
     "resolve_layer_pairs",
     "resolve_recipe_paths",
+    "row_counts",
     "run_settings",
     "save_student",
     "save_student_from_trainer",
