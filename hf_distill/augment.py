@@ -31,6 +31,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers.utils import logging
 
+from .cache.build import rename_into_place
 from .cache.fingerprint import teacher_weights_digest, tokenizer_digest
 
 logger = logging.get_logger(__name__)
@@ -436,14 +437,7 @@ def _save(augmented: Dataset, path: str, fingerprint: str, settings: dict, sourc
         }
         with open(os.path.join(tmp, METADATA_NAME), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache_dir must stay readable
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            # Another process finished the same set first: keep theirs (the contents are identical).
-            if not os.path.isfile(os.path.join(path, METADATA_NAME)):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        rename_into_place(tmp, path, METADATA_NAME)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -167,14 +167,7 @@ def build_teacher_cache(
         }
         with open(os.path.join(tmp, METADATA_NAME), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache_dir must stay readable by other users
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            # Another process finished the same cache first: keep theirs (the contents are identical).
-            if not os.path.isfile(os.path.join(path, METADATA_NAME)):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        rename_into_place(tmp, path, METADATA_NAME)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -182,6 +175,21 @@ def build_teacher_cache(
     cache = load_teacher_cache(path)
     cache.built, cache.build_seconds = True, seconds
     return cache
+
+
+def rename_into_place(tmp: str, path: str, marker: str) -> None:
+    """Rename the finished directory `tmp` to the content-addressed `path`, made readable to other users.
+
+    If another process finished the same entry first (`path` holds its `marker` file), theirs is kept and `tmp` is
+    removed: the contents are identical, since the directory name is their fingerprint.
+    """
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache_dir must stay readable by other users
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not os.path.isfile(os.path.join(path, marker)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_teacher_outputs(
