@@ -10,6 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 WORDS = (
     "the a an is was it this that movie film good bad great awful fun boring not very really plot actors "
     "story loved hated best worst and but of to in with for on love hate funny dull"
@@ -52,3 +54,27 @@ def tiny_student():
     """2-layer BERT classifier, hidden 16 (narrower than the teacher, so projections are needed), 4 heads."""
     torch.manual_seed(1)
     return BertForSequenceClassification(tiny_bert_config(num_layers=2, hidden=16))
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """Environment for running one of the scripts in a subprocess: offline, one thread, this repository importable."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": REPO,
+        "WANDB_DISABLED": "true",
+        **extra,
+    }
+
+
+def write_tiny_tsv(path, n: int, generator: torch.Generator) -> None:
+    """`n` random 3-9 word sentences over WORDS with alternating labels, as a `sentence<TAB>label` file."""
+    rows = ["sentence\tlabel"]
+    for i in range(n):
+        idx = torch.randint(
+            0, len(WORDS), (int(torch.randint(3, 10, (1,), generator=generator)),), generator=generator
+        )
+        rows.append(" ".join(WORDS[j] for j in idx.tolist()) + f"\t{i % 2}")
+    path.write_text("\n".join(rows) + "\n")

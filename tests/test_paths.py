@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import WORDS, tiny_bert_config
+from conftest import WORDS, script_env, tiny_bert_config
 from transformers import BertForSequenceClassification, HfArgumentParser
 
 from hf_distill import DataArguments, ModelArguments, load_benchmark_config, load_recipe
@@ -131,14 +131,7 @@ def test_distill_script_run_from_another_cwd_uses_the_recipes_files(tmp_path, ti
     (project / "recipes" / "kd.yaml").write_text(yaml.safe_dump(recipe))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "WANDB_DISABLED": "true",
-    }
+    env = script_env()
     cmd = [sys.executable, str(REPO / "scripts" / "distill.py"), "--config", "../project/recipes/kd.yaml"]
     proc = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

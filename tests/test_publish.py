@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import WORDS, tiny_bert_config
+from conftest import script_env, tiny_bert_config, write_tiny_tsv
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
@@ -90,11 +90,7 @@ def hub_workdir(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(repo / "snapshots" / revision)
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 32), ("dev", 16)):
-        rows = ["sentence\tlabel"]
-        for i in range(n):
-            idx = torch.randint(0, len(WORDS), (int(torch.randint(3, 10, (1,), generator=g)),), generator=g)
-            rows.append(" ".join(WORDS[j] for j in idx.tolist()) + f"\t{i % 2}")
-        (root / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        write_tiny_tsv(root / f"{split}.tsv", n, g)
     return root
 
 
@@ -112,17 +108,7 @@ def run_push(root, out, record, *extra):
         *("--push_to_hub", "true", "--hub_token", TOKEN, "--hub_model_id", "me/x"),
         *extra,
     ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_CACHE": str(root / "hub"),
-        "HF_HOME": str(root / "hf_home"),
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": REPO,
-        "WANDB_DISABLED": "true",
-        "PUBLISH_RECORD": str(record),
-    }
+    env = script_env(HF_HUB_CACHE=str(root / "hub"), HF_HOME=str(root / "hf_home"), PUBLISH_RECORD=str(record))
     env.pop("HF_TOKEN", None)
     cmd = [sys.executable, str(launcher), os.path.join(REPO, "scripts", "distill.py"), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

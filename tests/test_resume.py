@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import WORDS, tiny_bert_config
+from conftest import script_env, tiny_bert_config, write_tiny_tsv
 from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
@@ -52,18 +52,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def env(**extra):
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": REPO,
-        "WANDB_DISABLED": "true",
-        **extra,
-    }
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_tokenizer):
     """A tiny teacher (with its tokenizer), a narrower student (so projections are learned) and a 48-row TSV."""
@@ -77,11 +65,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     student = BertForSequenceClassification(tiny_bert_config(num_layers=2, hidden=16, **NO_DROPOUT))
     student.save_pretrained(root / "narrow_student")
     g = torch.Generator().manual_seed(0)
-    rows = ["sentence\tlabel"]
-    for i in range(48):
-        idx = torch.randint(0, len(WORDS), (int(torch.randint(3, 10, (1,), generator=g)),), generator=g)
-        rows.append(" ".join(WORDS[j] for j in idx.tolist()) + f"\t{i % 2}")
-    (root / "train.tsv").write_text("\n".join(rows) + "\n")
+    write_tiny_tsv(root / "train.tsv", 48, g)
     (root / "kill_launcher.py").write_text(KILL_LAUNCHER)
     return root
 
@@ -136,7 +120,7 @@ def script_args(root, out, *extra) -> list[str]:
 def run_script(root, out, *extra, timeout=600):
     proc = subprocess.run(
         [sys.executable, SCRIPT, *script_args(root, out, *extra)],
-        env=env(),
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -149,7 +133,7 @@ def run_and_kill(root, out, marker_name: str, **kill_env) -> None:
     marker = root / marker_name
     proc = subprocess.Popen(
         [sys.executable, str(root / "kill_launcher.py"), SCRIPT, *script_args(root, out)],
-        env=env(KILL_MARKER=str(marker), **{k: str(v) for k, v in kill_env.items()}),
+        env=script_env(KILL_MARKER=str(marker), **{k: str(v) for k, v in kill_env.items()}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

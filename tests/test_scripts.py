@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import WORDS, tiny_bert_config
+from conftest import script_env, tiny_bert_config, write_tiny_tsv
 from transformers import (
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
@@ -28,17 +28,6 @@ RECIPE = os.path.join(REPO, "recipes", "bert-base-sst2_to_bert-6l", "distilbert.
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
-def env():
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": REPO,
-        "WANDB_DISABLED": "true",
-    }
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_tokenizer):
     """A tiny fine-tuned-looking teacher, a narrower student and small train/dev TSV files on disk."""
@@ -52,11 +41,7 @@ def workdir(tmp_path_factory, tiny_tokenizer):
     student.save_pretrained(root / "narrow_student")
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 48), ("dev", 24)):
-        rows = ["sentence\tlabel"]
-        for i in range(n):
-            idx = torch.randint(0, len(WORDS), (int(torch.randint(3, 10, (1,), generator=g)),), generator=g)
-            rows.append(" ".join(WORDS[j] for j in idx.tolist()) + f"\t{i % 2}")
-        (root / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        write_tiny_tsv(root / f"{split}.tsv", n, g)
     return root
 
 
@@ -121,7 +106,7 @@ def test_distill_script_end_to_end(workdir, tmp_path):
         os.path.join(REPO, "scripts", "distill.py"),
         *overrides(workdir, out, "--student_num_layers", "2"),
     ]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     student_dir = out / "student"
     student = AutoModelForSequenceClassification.from_pretrained(student_dir)
@@ -150,7 +135,7 @@ def test_two_process_gloo_matches_single_process(workdir, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "distill.py"), *overrides(workdir, single, *extra)],
-        env=env(),
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -168,7 +153,7 @@ def test_two_process_gloo_matches_single_process(workdir, tmp_path):
             os.path.join(REPO, "scripts", "distill.py"),
             *overrides(workdir, double, *extra, "--per_device_train_batch_size", "4", "--ddp_backend", "gloo"),
         ],
-        env=env(),
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=600,
