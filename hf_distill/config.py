@@ -467,7 +467,7 @@ def recipe_root(path: str | os.PathLike) -> Path:
     return folder
 
 
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
     # Hub ids are `name` or `org/name`; anything with more slashes, or starting like a path, is a local path.
     return os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
 
@@ -487,7 +487,7 @@ def resolve_recipe_paths(recipe: dict[str, Any], root: str | os.PathLike) -> dic
             continue
         expanded = os.path.expanduser(value)
         candidate = expanded if os.path.isabs(expanded) else os.path.normpath(root / expanded)
-        if name in RECIPE_PATH_FIELDS or _looks_local(value) or os.path.exists(candidate):
+        if name in RECIPE_PATH_FIELDS or looks_local(value) or os.path.exists(candidate):
             resolved[name] = candidate
     return resolved
 

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.models.auto import modeling_auto
 
-from .config import ModelArguments
+from .config import ModelArguments, looks_local
 from .student import make_student
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "dat
 def _check_exists(name_or_path: str | None, field: str) -> str:
     if not name_or_path:
         raise ValueError(f"{field} is required: a Hub id or a local directory with config.json.")
-    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1
-    if looks_local and not os.path.isdir(name_or_path):
+    if looks_local(name_or_path) and not os.path.isdir(name_or_path):
         raise FileNotFoundError(
             f"{field}={name_or_path!r} does not exist. Pass a local directory made by save_pretrained or a Hub id "
             "such as 'bert-base-uncased'."
