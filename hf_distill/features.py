@@ -6,13 +6,13 @@ Layer-wise distillation matches the teacher's hidden states ([PKD](https://huggi
 SDPA attention, which never materialises the attention probabilities, so `output_attentions=True` returns nothing;
 switching a whole model to eager attention would make every layer slow and memory-hungry. Here only the attention
 modules of the requested layers are redirected, for the duration of one call, to a function that computes the
-probabilities with the eager formula and then runs the model's own attention implementation unchanged, so the
-model's outputs are exactly those of a plain forward.
+probabilities with the eager formula and attends with them (`dropout(P) @ V`, as eager attention does), so each
+captured layer computes its attention once and the model's outputs are those of a plain forward (equal within
+floating-point rounding; tests/test_features.py checks outputs and gradients against an eager forward).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,7 +22,6 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .student import get_layers
 
@@ -93,9 +92,8 @@ class _CaptureConfig:
 
     _attn_implementation = CAPTURE_ATTN_IMPLEMENTATION
 
-    def __init__(self, config: Any, attention: Callable, store: Callable[[torch.Tensor], None]):
+    def __init__(self, config: Any, store: Callable[[torch.Tensor], None]):
         self._config = config
-        self.attention = attention
         self.store = store
 
     def __getattr__(self, name: str) -> Any:
@@ -108,6 +106,12 @@ class _CaptureConfig:
         return getattr(config, name)
 
 
+# Arguments some attention functions take that change the scores (T5-style position bias, Gemma-2 soft-capping,
+# attention sinks). No family in DISPATCHING_ATTENTION_PATHS passes them; were one to, its maps and outputs would be
+# wrong, so the capture refuses them.
+_UNSUPPORTED_ATTENTION_KWARGS = ("position_bias", "softcap", "s_aux", "sinks")
+
+
 def _capture_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -115,19 +119,67 @@ def _capture_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The function registered as `CAPTURE_ATTN_IMPLEMENTATION`: store the probabilities, then attend as usual."""
-    capture: _CaptureConfig = module.config
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The function registered as `CAPTURE_ATTN_IMPLEMENTATION`: store the probabilities, then attend with them."""
+    unsupported = [name for name in _UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(
+            f"{type(module).__name__} passes {unsupported} to its attention function, which attention capture does "
+            "not implement. Set attention_weight=0 to distil hidden states and logits only."
+        )
     # Same rule as transformers' `sdpa_attention_forward`: an explicit `is_causal` wins over the module's flag.
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    capture.store(
-        attention_probabilities(query, key, attention_mask, scaling=kwargs.get("scaling"), is_causal=is_causal)
+    probabilities = attention_probabilities(
+        query, key, attention_mask, scaling=kwargs.get("scaling"), is_causal=is_causal
     )
-    # The output comes from the configured implementation itself, so logits, dropout and speed are those of a plain
-    # forward; gradients of a loss on the maps reach the query/key projections through the recomputation above.
-    return capture.attention(module, query, key, value, attention_mask, **kwargs)
+    module.config.store(probabilities)
+    # One softmax serves both the maps and the layer's output: running SDPA again for the output would compute the
+    # attention twice. Gradients of the output and of a loss on the maps meet in the same probabilities.
+    return attend(probabilities, value, attention_mask, dropout=kwargs.get("dropout", 0.0), training=module.training)
+
+
+def attend(
+    probabilities: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output `dropout(P) @ V` from pre-dropout probabilities, laid out as attention functions return it.
+
+    Eager attention's formula, applied to `attention_probabilities`' result: the probabilities are cast to the values'
+    dtype (as Llama's eager attention does after its float32 softmax), dropped out with `p=dropout` when `training`
+    (the same `nn.functional.dropout` call, so the same random mask as eager attention and CPU SDPA given the same RNG
+    state), and multiplied by the values. A boolean (SDPA) mask that leaves a query row nothing to attend to (a
+    padding query of a left-padded decoder) gives that row zeros, as SDPA does; eager attention's additive mask gives
+    it the mean of the values instead, and so does this function with such a mask. Either way the row is padding.
+
+    Args:
+        probabilities (`torch.Tensor`): `(batch, num_heads, q_len, kv_len)` post-softmax probabilities.
+        value (`torch.Tensor`): `(batch, num_key_value_heads, kv_len, head_dim)`; with grouped-query attention each
+            value head serves `num_heads // num_key_value_heads` consecutive query heads, as in `repeat_kv`.
+        attention_mask (`torch.Tensor | None`): the mask the attention function received (see
+            `attention_probabilities`).
+        dropout (`float`): dropout probability on the probabilities.
+        training (`bool`): whether dropout is applied (the attention module's `training` flag).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the `(batch, q_len, num_heads, head_dim)` output, and the post-dropout
+        weights `(batch, num_heads, q_len, kv_len)` that produced it (what eager attention returns).
+    """
+    weights = probabilities.to(value.dtype)
+    if dropout > 0 and training:
+        weights = nn.functional.dropout(weights, p=dropout, training=True)
+    if value.shape[1] != weights.shape[1]:
+        value = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)
+    output = torch.matmul(weights, value)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+        attends = attention_mask[..., : value.shape[-2]].any(-1, keepdim=True)
+        output = output.masked_fill(~attends, 0)
+    return output.transpose(1, 2).contiguous(), weights
 
 
 AttentionInterface.register(CAPTURE_ATTN_IMPLEMENTATION, _capture_attention)
@@ -235,10 +287,11 @@ def forward_with_features(
 
     Only the requested layers are touched: their block outputs are read by forward hooks, and the attention modules
     of `attention_layers` are pointed, for this call only, at a function that computes the eager probabilities and
-    then runs the configured attention implementation (SDPA by default) itself. Every other layer runs as usual and
-    the model's outputs are those of a plain forward. Hooks and attention implementations are restored when the call
-    returns or raises. Works with or without grad: the teacher under `torch.no_grad()`/`torch.inference_mode()`, the
-    student with grad, in which case gradients of a loss on the maps flow to the student's query/key projections.
+    attends with them (`attend`), so those layers compute their attention once. Every other layer runs its configured
+    implementation (SDPA by default) and the model's outputs are those of a plain forward, within rounding. Hooks and
+    attention implementations are restored when the call returns or raises. Works with or without grad: the teacher
+    under `torch.no_grad()`/`torch.inference_mode()`, the student with grad, in which case gradients of a loss on the
+    maps flow to the student's query/key projections.
 
     Args:
         model (`nn.Module`):
@@ -308,12 +361,8 @@ def forward_with_features(
                 handles.append(dropout.register_forward_pre_hook(partial(store_dropout_input, i)))
                 continue
             attention = _submodule(layers[i], DISPATCHING_ATTENTION_PATHS[model_type])
-            config = attention.config
-            # "eager" is not in the interface: each modeling file passes its own eager function as the default.
-            eager = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
-            original = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
-            swapped.append((attention, config))
-            attention.config = _CaptureConfig(config, original, partial(store_attention, i))
+            swapped.append((attention, attention.config))
+            attention.config = _CaptureConfig(attention.config, partial(store_attention, i))
         features.outputs = model(**inputs)
     finally:
         for handle in handles:
