@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
 
-from .config import recipe_root
+from .config import DistillationConfig, load_recipe, recipe_root
+from .data import check_transfer_weights
 from .transfer import check_unlabelled_source
 
 
@@ -45,9 +49,23 @@ class BenchmarkConfig:
             since without a teacher there is nothing to learn from unlabelled text.
         student_num_layers (`int`, *optional*), student_layers (`str`, *optional*): the student, built by
             `make_student` from evenly spaced ("alternating") teacher layers, first and last included.
+        teacher_cache (`bool`, defaults to `False`): the distilled rows read the teacher's outputs from a cache in
+            `<output_dir>/teacher_cache` (one per set of features, built once, shared by every row, seed and rerun)
+            instead of running the teacher every step; a recipe that sets `use_teacher_cache` keeps its own settings.
         num_train_epochs (`float`, defaults to `1.0`), per_device_train_batch_size (`int`, defaults to `32`): the
             budget of every student row, as `ceil(rows / batch) * epochs` optimizer steps split evenly over a row's
-            stages.
+            stages, where rows are the distilled rows' training rows (labelled + unlabelled).
+        match_steps (`bool`, defaults to `True`): every student row trains for the same optimizer steps, rows on the
+            labelled rows alone (the baseline) cycling over them more often; `False`: `num_train_epochs` over each
+            row's own rows (without a transfer set the two are the same).
+        labelled_only_rows (`list[str]`, defaults to `[]`): distilled rows that train on the labelled rows only
+            even with a transfer set (to show what the transfer set adds, on the same budget).
+        student_seeds (`list[int]`, *optional*): training seeds (data order, dropout) of the student rows; the
+            default is `[seed]`. Each further seed retrains the rows of `seed_rows` from the same student; the table
+            shows the mean and standard deviation, and the bootstrap interval pools the seeds.
+        seed_rows (`list[str]`, *optional*): the rows trained under every student seed (default: every student row).
+        results_file (`str`, *optional*): where the run's record is written (command, commit, machine, budget, every
+            row's figures), e.g. `benchmarks/results/{name}.json`; `BENCHMARKS.md`'s tables are generated from these.
         logging_steps (`int`, defaults to `5`): how often each loss term is logged (the loss plots' resolution).
         save_steps (`int`, defaults to `50`): checkpoint interval of the Trainer stages (the resume granularity).
         baseline_name (`str`, defaults to `"no_kd"`), baseline_recipe (`str`): the no-KD row: a recipe whose only
@@ -96,8 +114,23 @@ class BenchmarkConfig:
     # Student
     student_num_layers: int | None = field(default=None, metadata={"help": "Student depth (default: half)."})
     student_layers: str | None = field(default=None, metadata={"help": "Teacher layers copied, e.g. '0,2,4'."})
+    teacher_cache: bool = field(
+        default=False, metadata={"help": "Distilled rows read the teacher from one shared cache, built once."}
+    )
     # Budget, the same for every student row
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of every student row."})
+    match_steps: bool = field(
+        default=True, metadata={"help": "Every student row trains the same steps (the distilled rows' epochs)."}
+    )
+    labelled_only_rows: list[str] = field(
+        default_factory=list, metadata={"help": "Distilled rows kept off the transfer set."}
+    )
+    student_seeds: list[int] | None = field(
+        default=None, metadata={"help": "Training seeds of the student rows (default [seed])."}
+    )
+    seed_rows: list[str] | None = field(
+        default=None, metadata={"help": "Rows trained under every student seed (default all)."}
+    )
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size of every run."})
     logging_steps: int = field(default=5, metadata={"help": "Logging interval of the loss terms."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint interval (resume granularity)."})
@@ -109,6 +142,9 @@ class BenchmarkConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the accuracy pass."})
     latency_runs: int = field(default=20, metadata={"help": "Timed forward passes per latency median (>= 20)."})
     latency_warmup: int = field(default=3, metadata={"help": "Untimed forward passes before timing."})
+    results_file: str | None = field(
+        default=None, metadata={"help": "The run's record, e.g. benchmarks/results/{name}.json (None: not written)."}
+    )
     # Set by load_benchmark_config: the folder relative paths are resolved against (not a YAML key).
     source_root: str | None = field(default=None, init=False, repr=False)
 
@@ -163,12 +199,51 @@ class BenchmarkConfig:
                 raise ValueError(f"row name {name!r} is taken (the teacher and the baseline have their own rows).")
             if not recipes:
                 raise ValueError(f"row {name!r} has no recipe. List at least one recipe file.")
+        self._check_rows_and_seeds()
         if isinstance(self.student_layers, (list, tuple)):
             self.student_layers = ",".join(str(i) for i in self.student_layers)
 
+    def _check_rows_and_seeds(self) -> None:
+        for name in ("labelled_only_rows", "seed_rows"):
+            listed = getattr(self, name)
+            if listed is None:
+                continue
+            if isinstance(listed, str) or not all(isinstance(r, str) for r in listed):
+                raise ValueError(f"{name} must be a list of row names, got {listed!r}. E.g. {name}: [vanilla_kd].")
+            allowed = set(self.rows) | ({self.baseline_name} if name == "seed_rows" else set())
+            unknown = [r for r in listed if r not in allowed]
+            if unknown:
+                raise ValueError(
+                    f"{name} names {unknown}, which are not student rows of this benchmark ({sorted(allowed)})."
+                )
+        if self.student_seeds is None:
+            self.student_seeds = [self.seed]
+        if (
+            isinstance(self.student_seeds, (str, int))
+            or not self.student_seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.student_seeds)
+            or len(set(self.student_seeds)) != len(self.student_seeds)
+        ):
+            raise ValueError(
+                f"student_seeds must be a list of distinct integers, got {self.student_seeds!r}. E.g. "
+                f"student_seeds: [{self.seed}, {self.seed + 1}, {self.seed + 2}]."
+            )
+        if self.student_seeds[0] != self.seed:
+            raise ValueError(
+                f"student_seeds must start with seed={self.seed} (the run whose models are timed and shown), got "
+                f"{self.student_seeds}. E.g. [{self.seed}, {self.seed + 1}, {self.seed + 2}]."
+            )
+
 
 # Benchmark fields holding local paths: the file's are relative to its root, the command line's to the cwd.
-BENCHMARK_PATH_FIELDS = ("output_dir", "train_file", "validation_file", "unlabelled_file", "baseline_recipe")
+BENCHMARK_PATH_FIELDS = (
+    "output_dir",
+    "train_file",
+    "validation_file",
+    "unlabelled_file",
+    "baseline_recipe",
+    "results_file",
+)
 
 
 def load_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
@@ -194,3 +269,32 @@ def load_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | N
     config = BenchmarkConfig(**values)
     config.source_root = str(recipe_root(path))
     return config
+
+
+def check_transfer_recipes(config: BenchmarkConfig, resolve: Callable[[str], Path]) -> None:
+    """With a transfer set, every stage of a distilled row needs a teacher term (see `check_transfer_weights`)."""
+    fields_ = DistillationConfig.__dataclass_fields__
+    for name, recipes in config.rows.items():
+        for path in recipes:
+            recipe = load_recipe(resolve(path))
+            weights = {k: recipe.get(k, fields_[k].default) for k in fields_ if k.endswith("_weight")}
+            try:
+                check_transfer_weights(config, SimpleNamespace(**weights))
+            except ValueError as e:
+                raise ValueError(f"row {name!r}, recipe {path}: {e}") from None
+
+
+def check_baseline_recipe(path: Path) -> None:
+    """The baseline must train on the labels alone, through the same trainer as the distilled rows."""
+    recipe = load_recipe(path)
+    fields_ = DistillationConfig.__dataclass_fields__
+    weights = {
+        k: recipe.get(k, fields_[k].default)
+        for k in ("logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
+    }
+    task_weight = recipe.get("task_weight", fields_["task_weight"].default)
+    if any(v > 0 for v in weights.values()) or not task_weight > 0:
+        raise ValueError(
+            f"baseline_recipe {path} must have task_weight > 0 and every other weight 0 (no teacher signal), got "
+            f"task_weight={task_weight}, {weights}."
+        )

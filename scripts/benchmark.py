@@ -4,11 +4,15 @@
     python scripts/benchmark.py                                         # benchmarks/sst2_minilm_l3.yaml, <= 15 min
     python scripts/benchmark.py --config benchmarks/sst2_mpnet_l6.yaml  # the full run, ~2 h on 2 CPU cores
     python scripts/benchmark.py --set max_train_samples=500 --output_dir outputs/benchmarks/quick
+    python scripts/benchmark.py --update-docs   # regenerate BENCHMARKS.md's tables from benchmarks/results/*.json
 
 It fine-tunes the teacher (or takes a fine-tuned one), builds the student from alternating teacher layers, distils it
 with each recipe, fine-tunes it without KD, evaluates everything on the dev split and writes results.json, results.md
-and plots under outputs/benchmarks/<name>/. Run it again to resume: finished stages are reused, an interrupted
-training stage continues from its last checkpoint. The stages live in `hf_distill.benchmark`.
+and plots under outputs/benchmarks/<name>/, and the run's record into the repository (the config's `results_file`,
+`benchmarks/results/<name>.json`), from which BENCHMARKS.md's tables are generated. A run changed by `--set` writes
+its record into its output folder instead, unless `--set results_file=...` says where: a committed record is always
+the run of the committed config. Run it again to resume: finished stages are reused, an interrupted training stage
+continues from its last checkpoint. The stages live in `hf_distill.benchmark`.
 """
 
 import argparse
@@ -20,7 +24,7 @@ import time
 import transformers
 import yaml
 
-from hf_distill.benchmark import load_benchmark_config, run_benchmark
+from hf_distill.benchmark import load_benchmark_config, run_benchmark, update_results_blocks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "benchmarks", "sst2_minilm_l3.yaml")
@@ -30,6 +34,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="Benchmark YAML (default: %(default)s).")
     parser.add_argument("--output_dir", default=None, help="Output folder (default: outputs/benchmarks/<name>).")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="Regenerate the results tables of BENCHMARKS.md from benchmarks/results/*.json, run nothing.",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -52,8 +61,12 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ args
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.update_docs:
+        return update_docs(os.path.join(REPO, "BENCHMARKS.md"))
     overrides = parse_overrides(args.set)
+    changed = bool(overrides)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
 
@@ -65,10 +78,15 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ config
     config = load_benchmark_config(args.config, overrides)
     print(f"benchmark {config.name!r} from {os.path.relpath(args.config, REPO)}")
+    if changed and config.results_file and "results_file" not in overrides:
+        out = config.output_dir or os.path.join(REPO, "outputs", "benchmarks", config.name)
+        config.results_file = os.path.join(out, "record.json")
+        print(f"--set changed the benchmark: its record goes to {config.results_file}, not into the repository")
 
     # ------------------------------------------------------------------ run (every stage reused, resumed or run)
     start = time.perf_counter()
-    results = run_benchmark(config)  # relative paths: against the repository holding the config file
+    command = " ".join(["python", "scripts/benchmark.py", *argv])
+    results = run_benchmark(config, command=command)  # relative paths: against the repository holding the config
     elapsed = time.perf_counter() - start
 
     # ------------------------------------------------------------------ report
@@ -79,9 +97,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"stages: {summary}; {elapsed:.0f} s in this run")
     print(f"results: {results['paths']['results_json']}")
     print(f"         {results['paths']['results_md']}")
+    if "record" in results["paths"]:
+        print(f"record:  {results['paths']['record']}")
     for name, path in results["plots"].items():
         print(f"plot {name}: {path}")
     return results
+
+
+def update_docs(path: str) -> dict:
+    """Rewrite the `<!-- results: ... -->` tables of `path` from the records they name (atomically)."""
+    with open(path, encoding="utf-8") as f:
+        old = f.read()
+    new = update_results_blocks(old, REPO)
+    if new != old:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(new)
+        os.replace(path + ".tmp", path)
+    print(f"{os.path.relpath(path, REPO)}: {'updated' if new != old else 'already up to date'}")
+    return {"updated": new != old}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import test_scripts
 import torch
@@ -362,7 +363,11 @@ def captured_specs(monkeypatch, config: BenchmarkConfig) -> dict[str, dict]:
 
     monkeypatch.setattr(benchmark, "run_stage", fake_run_stage)
     monkeypatch.setattr(benchmark, "row_counts", lambda train: {"labelled": 1, "unlabelled": 0})
-    monkeypatch.setattr(benchmark.Benchmark, "train_rows", lambda self, transfer: None)
+
+    def fake_train_rows(self, transfer):  # 4,000 labelled rows, plus the unlabelled ones for a distilled row
+        return range(4000 + (self.config.max_unlabelled_samples if transfer and self.transfer_spec() else 0))
+
+    monkeypatch.setattr(benchmark.Benchmark, "train_rows", fake_train_rows)
     bench = benchmark.Benchmark(config, REPO)
     rows = {config.baseline_name: [config.baseline_recipe], **config.rows}
     for name, recipes in rows.items():
@@ -386,9 +391,18 @@ def test_benchmark_transfer_fields_are_in_the_distilled_stages_fingerprints(monk
                 fingerprint(specs["plain"][stage]),
                 fingerprint(specs["f"][stage]),
             }
-    # ... the no-KD row trains on the labelled rows only, so its stage is shared by all three.
-    assert fingerprint(specs["t"][baseline_stage]) == fingerprint(specs["plain"][baseline_stage])
-    assert fingerprint(specs["f"][baseline_stage]) == fingerprint(specs["plain"][baseline_stage])
+    # ... the no-KD row trains on the labelled rows only, for as many steps as the distilled rows (match_steps):
+    # 24,000 rows / 32 = 750 steps, 14,000 / 32 = 438, 4,000 / 32 = 125 (its spec keeps no "steps" then).
+    assert specs["t"][baseline_stage]["steps"] == 750 and specs["f"][baseline_stage]["steps"] == 438
+    assert "steps" not in specs["plain"][baseline_stage]
+    assert specs["t"][kd_stage].get("steps") is None  # 750 = its own epoch: the spec is what it was
+    # With match_steps off, each row trains one epoch over its own rows: the no-KD stage is shared by all three.
+    own = {
+        name: captured_specs(monkeypatch, load_benchmark_config(BENCH, {**overrides, "match_steps": False}))
+        for name, overrides in (("plain", {}), ("t", {"unlabelled_from_train": True, "max_unlabelled_samples": 20000}))
+    }
+    assert fingerprint(own["t"][baseline_stage]) == fingerprint(own["plain"][baseline_stage])
+    assert fingerprint(own["plain"][baseline_stage]) == fingerprint(specs["plain"][baseline_stage])
 
 
 @pytest.mark.parametrize(
@@ -443,12 +457,13 @@ def test_results_table_and_markdown_state_each_rows_training_rows():
     results = {
         "benchmark": "b", "teacher": "t", "torch_threads": 2, "rows": [{**r, "eval_rows": 872} for r in rows],
         "budget": {"train_rows": 8000, "steps_per_student_row": 250, "per_device_train_batch_size": 32,
-                   "max_length": 64, "stage_split": "s",
+                   "max_length": 64, "stage_split": "s", "num_train_epochs": 1,
                    "transfer_set": {"unlabelled_from_train": True, "max_unlabelled_samples": None}},
     }  # fmt: skip
     text = benchmark.results_markdown(results)
     assert "Transfer set (unlabelled_from_train=True): the distilled rows train on 8,000 labelled + 59,349" in text
-    assert "the no-KD row on the 8,000 labelled rows alone (250 steps)" in text
+    assert "the teacher and no_kd on the 8,000 labelled rows alone" in text
+    assert "250/2105 optimizer steps (1 epoch(s) of each row's rows)" in text  # match_steps: false
 
 
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -458,31 +473,67 @@ RECIPES = REPO / "recipes" / "minilm-sst2_to_minilm-l3"
 @pytest.mark.slow
 @pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason=f"real SST-2 files not found at {SST2} (../shared)")
 def test_benchmark_with_a_transfer_set_end_to_end(tmp_path, tiny_tokenizer):
-    """Tiny models on real SST-2 rows: the distilled row trains on 64 labelled + 64 unlabelled rows, the teacher and
-    the no-KD row on the 64 labelled rows, and results.json / results.md say so."""
+    """Tiny models on real SST-2 rows: the distilled row trains on 64 labelled + 64 unlabelled rows from the teacher
+    cache, a labelled-only KD row and the no-KD row on the 64 labelled rows for as many steps, under two training
+    seeds; results.json, results.md and the committed record say so, and BENCHMARKS.md-style blocks are generated
+    from the record."""
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny_bert_config(num_layers=4, hidden=32))
     teacher.save_pretrained(tmp_path / "teacher")
     tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    vanilla = str(RECIPES / "vanilla_kd.yaml")
     config = BenchmarkConfig(
         name="tiny_transfer", output_dir=str(tmp_path / "out"), teacher_model_name_or_path=str(tmp_path / "teacher"),
         teacher_learning_rate=1e-3, train_file=str(SST2 / "train.tsv"), validation_file=str(SST2 / "dev.tsv"),
         max_length=32, max_train_samples=64, max_eval_samples=32, unlabelled_from_train=True,
-        max_unlabelled_samples=64, student_num_layers=2, logging_steps=1, save_steps=50,
-        baseline_recipe=str(RECIPES / "no_kd.yaml"), rows={"vanilla_kd": [str(RECIPES / "vanilla_kd.yaml")]},
+        max_unlabelled_samples=64, student_num_layers=2, logging_steps=1, save_steps=50, teacher_cache=True,
+        baseline_recipe=str(RECIPES / "no_kd.yaml"), rows={"vanilla_kd": [vanilla], "kd_labelled": [vanilla]},
+        labelled_only_rows=["kd_labelled"], student_seeds=[42, 7], seed_rows=["no_kd", "vanilla_kd"],
+        results_file=str(tmp_path / "results" / "{name}.json"),
     )  # fmt: skip
-    results = benchmark.run_benchmark(config, root=REPO)
+    results = benchmark.run_benchmark(config, root=REPO, command="pytest")
     rows = {r["name"]: r for r in results["rows"]}
-    assert (rows["teacher"]["train_rows_labelled"], rows["teacher"]["train_rows_unlabelled"]) == (64, 0)
-    assert (rows["no_kd"]["train_rows_labelled"], rows["no_kd"]["train_rows_unlabelled"]) == (64, 0)
-    assert (rows["vanilla_kd"]["train_rows_labelled"], rows["vanilla_kd"]["train_rows_unlabelled"]) == (64, 64)
-    assert rows["teacher"]["train_steps"] == 2 and rows["no_kd"]["train_steps"] == 2  # 64 rows at batch 32
-    assert rows["vanilla_kd"]["train_steps"] == 4  # 128 rows
-    history = json.loads((tmp_path / "out" / "rows" / "vanilla_kd" / "1-vanilla_kd" / "log_history.json").read_text())
+    counts = {name: (r["train_rows_labelled"], r["train_rows_unlabelled"]) for name, r in rows.items()}
+    assert counts == {"teacher": (64, 0), "no_kd": (64, 0), "vanilla_kd": (64, 64), "kd_labelled": (64, 0)}
+    assert rows["teacher"]["train_steps"] == 2  # 64 rows at batch 32, its own epochs
+    assert {rows[n]["train_steps"] for n in ("no_kd", "vanilla_kd", "kd_labelled")} == {4}  # 128 rows: one budget
+    out = tmp_path / "out"
+    history = json.loads((out / "rows" / "vanilla_kd" / "1-vanilla_kd" / "log_history.json").read_text())
     assert all(math.isfinite(h["loss_task"]) and math.isfinite(h["loss_logits"]) for h in history if "loss_task" in h)
-    md = (tmp_path / "out" / "results.md").read_text()
-    assert "the distilled rows train on 64 labelled + 64 unlabelled rows" in md
-    assert "| vanilla_kd | vanilla_kd |" in md and md.count("| 64 + 0 |") == 2 and "| 64 + 64 |" in md
+    # One teacher cache for the three distilled trainings (two rows, two seeds): built once, on all 128 rows.
+    caches = [p for p in (out / "teacher_cache").iterdir() if not p.name.startswith(".")]
+    assert len(caches) == 2  # the transfer rows' 128 rows and the labelled-only row's 64 rows
+    # Seeds: the second seed retrained no_kd and vanilla_kd (not kd_labelled) from the same student.
+    assert (out / "rows" / "vanilla_kd" / "seed7" / "1-vanilla_kd").is_dir()
+    assert not (out / "rows" / "kd_labelled" / "seed7").exists()
+    assert rows["vanilla_kd"]["seeds"] == [42, 7] and rows["kd_labelled"]["seeds"] == [42]
+    per_seed = rows["vanilla_kd"]["accuracy_per_seed"]
+    assert rows["vanilla_kd"]["accuracy"] == pytest.approx(sum(per_seed.values()) / 2)
+    assert rows["vanilla_kd"]["accuracy_std"] >= 0
+
+    # The intervals come from the stored dev predictions: pooled over both seeds for vanilla_kd (and no_kd).
+    def correct(eval_name):
+        stored = json.loads((out / "eval" / eval_name / "predictions.json").read_text())
+        return np.asarray(stored["predictions"]) == np.asarray(stored["labels"])
+
+    base = np.stack([correct("no_kd"), correct("no_kd-seed7")])
+    pooled = np.stack([correct("vanilla_kd"), correct("vanilla_kd-seed7")])
+    assert rows["vanilla_kd"]["delta_ci95"] == list(benchmark.paired_bootstrap(pooled, base, seed=42))
+    assert rows["kd_labelled"]["delta_ci95"] == list(benchmark.paired_bootstrap(correct("kd_labelled"), base, seed=42))
+    assert rows["vanilla_kd"]["delta_vs_baseline_pts"] == pytest.approx(100 * (pooled.mean() - base.mean()))
+    md = (out / "results.md").read_text()
+    assert "the distilled rows train on 64 labelled + 64 unlabelled rows" in md and "no_kd, kd_labelled" in md
+    assert "every student row 4 optimizer steps" in md and "| 64 + 64 |" in md and md.count("| 64 + 0 |") == 3
+    # The record: no path of this machine, the command, every row; a docs block is generated from it.
+    record_path = tmp_path / "results" / "tiny_transfer.json"
+    record = json.loads(record_path.read_text())
+    assert record["command"] == "pytest" and record["rows"][1]["name"] == "no_kd"
+    assert str(tmp_path) not in record_path.read_text()
+    doc = "text\n<!-- results: results/tiny_transfer.json -->\nold table\n<!-- /results -->\nmore\n"
+    assert benchmark.stale_results_blocks(doc, tmp_path) == ["results/tiny_transfer.json"]
+    fresh = benchmark.update_results_blocks(doc, tmp_path)
+    assert benchmark.stale_results_blocks(fresh, tmp_path) == []
+    assert benchmark.format_table(record["rows"]) in fresh and fresh.startswith("text\n") and fresh.endswith("more\n")
 
 
 def test_renumbering_to_the_teachers_label_order_keeps_unlabelled_rows_unlabelled(sst_like, tiny_tokenizer):
