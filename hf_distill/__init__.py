@@ -84,6 +84,9 @@ from .placement import prepare_teacher, teacher_placement
 from .resume import RunConfigCallback, prepare_output_dir, run_settings
 from .student import default_student_layers, get_layers, make_student, num_layers
 from .trainer import DistillationTrainer, NonFiniteLossError
+from .tune import TuneResult, load_tuning_splits, tune_distillation
+from .tune_config import SearchDimension, TuneConfig, search_dimensions
+from .tune_recipe import TuneArgs, parse_tune_args, write_tuning_outputs
 
 __version__ = "0.1.0"
 
@@ -181,4 +184,13 @@ __all__ = [
     "teacher_weights_digest",
     "tokenize_dataset",
     "tokenizer_digest",
+    "SearchDimension",
+    "TuneArgs",
+    "TuneConfig",
+    "TuneResult",
+    "load_tuning_splits",
+    "parse_tune_args",
+    "search_dimensions",
+    "tune_distillation",
+    "write_tuning_outputs",
 ]

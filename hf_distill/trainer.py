@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, set_seed
+from transformers.trainer_utils import number_of_arguments
 from transformers.utils import logging
 
 from .cache import (
@@ -96,6 +97,10 @@ class DistillationTrainer(Trainer):
         args: a [`DistillationConfig`].
         teacher_processing_class: the teacher's tokenizer, if it was loaded separately; it must tokenize like
             `processing_class`, which is checked on sample texts before training.
+        model_init: instead of `model`, a function returning a fresh student (what `hyperparameter_search` needs).
+            Every `train()` then starts from a new student and fresh projections (seeded by `args.seed`), and a
+            trial's values (temperature, weights, learning rate, ...) are the ones its loss uses. A trial may not
+            switch on a teacher term that is off in `args` (its layer matches, projections and cache do not exist).
         Other arguments are those of `transformers.Trainer`.
     """
 
@@ -120,6 +125,13 @@ class DistillationTrainer(Trainer):
                 f"args must be a DistillationConfig, got {type(args).__name__}. "
                 "Use DistillationConfig(output_dir=..., ...), which accepts every TrainingArguments field."
             )
+        model_init = kwargs.pop("model_init", None)
+        if model_init is not None:
+            if model is not None:
+                raise ValueError("pass either model or model_init (a function returning a fresh student), not both.")
+            # The checks below need a student: build one as `train()` will, seeded first.
+            set_seed(args.seed)
+            model = model_init() if number_of_arguments(model_init) == 0 else model_init(None)
         if model is None or teacher_model is None:
             raise ValueError("DistillationTrainer needs both model (the student) and teacher_model.")
         if args.teacher_dtype is not None:
@@ -144,6 +156,9 @@ class DistillationTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        self.model_init = model_init  # set after Trainer.__init__, which would build a second student from it
+        if model_init is not None and (self.optimizer is not None or self.lr_scheduler is not None):
+            raise ValueError("model_init builds a new student per run, so it cannot be used with optimizers=(...).")
         # Every term is normalised over the gradient-accumulation window by the counts from
         # `_get_num_items_in_batch`, so the Trainer must not divide by the number of accumulation steps again.
         self.loss_is_scaled_for_ga = True
@@ -192,6 +207,47 @@ class DistillationTrainer(Trainer):
         self.teacher_cache: TeacherCache | None = None
         if args.use_teacher_cache and self.train_dataset is not None:
             self.teacher_cache = self._attach_teacher_cache()
+        # What the layer matches, projections and cache were built for; a model_init run may not go beyond it.
+        self._built_terms = {t for t in TERMS if t != "task" and getattr(args, f"{t}_weight") > 0}
+        self._student_shape = (type(model), num_layers(model), hidden_size(model.config))
+
+    # ---------------------------------------------------------------- model_init runs (hyperparameter search)
+    def _hp_search_setup(self, trial) -> None:
+        """Before each `train()` with `model_init`: the Trainer applies the trial's values to `args`; then the run is
+        checked against what `__init__` built, and the new student gets fresh projections and a clean term buffer."""
+        super()._hp_search_setup(trial)
+        if self.model_init is None:
+            return
+        run = f"trial {trial.number}" if hasattr(trial, "number") else "this run"
+        for term in sorted({t for t in TERMS if t != "task" and getattr(self.args, f"{t}_weight") > 0}):
+            if term not in self._built_terms:
+                raise ValueError(
+                    f"{run} sets {term}_weight={getattr(self.args, f'{term}_weight')}, but the trainer was built with "
+                    f"{term}_weight=0, so it has no layer matches, projections or cached teacher outputs for that "
+                    f"term and the value would not act. Build the trainer with {term}_weight > 0 to search it, or "
+                    "leave it out of the search space."
+                )
+        shape = (type(self.model), num_layers(self.model), hidden_size(self.model.config))
+        if shape != self._student_shape:
+            raise ValueError(
+                f"model_init returned a {shape[0].__name__} of {shape[1]} layers, width {shape[2]}, but the trainer "
+                f"was built for a {self._student_shape[0].__name__} of {self._student_shape[1]} layers, width "
+                f"{self._student_shape[2]}. model_init must build the same student every time."
+            )
+        if self.problem_type is not None and getattr(self.model.config, "problem_type", None) is None:
+            self.model.config.problem_type = self.problem_type
+        if len(self.projections):
+            # Every run starts from the same projections, whatever the runs before it trained them to.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.args.seed)
+                fresh = build_projections(
+                    self.layer_matches,
+                    hidden_size(self.model.config),
+                    hidden_size(self.teacher.config),
+                    embeddings="embeddings" in self.projections,
+                )
+            self.projections.load_state_dict(fresh.state_dict())
+        self._term_metrics.clear("train")  # a failed trial may have left terms behind
 
     # ---------------------------------------------------------------- data plumbing
     def _attach_teacher_cache(self) -> TeacherCache | None:
