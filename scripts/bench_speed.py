@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed and memory of one training step: the student alone against five ways of distilling into it.
+"""Speed and memory of one training step: the student alone against six ways of distilling into it.
 
     PYTHONPATH=. python scripts/bench_speed.py --steps 4 --rounds 7
 
@@ -12,11 +12,15 @@ Configurations, all on the same batches (SST-2 rows, batch 32, max length 64; Mi
     (e) (d) with the teacher's outputs read from the teacher cache (the cache is built first; its one-off build
         time is reported apart)
     (f) (d) with both models running eager attention throughout and returning every layer's maps and states
-        (`output_attentions=True, output_hidden_states=True`), the usual way to get attention maps
+        (`output_attentions=True, output_hidden_states=True`), the usual way to get attention maps (TextBrewer's and
+        TinyBERT's code do it so)
+    (g) (d) with the teacher in bfloat16 (`teacher_dtype="bfloat16"`)
+    (t) (f)'s work done by TextBrewer's `GeneralDistiller` (`train_on_batch`, backward, optimizer step), when the
+        `textbrewer` package is installed (`pip install --no-deps textbrewer`); skipped otherwise
 
 Speed: each timed step is what the Trainer's loop does for one batch: fetch the rows from the prepared dataset (the
 cache columns included), collate, move to device, forward + backward (`training_step`), optimizer step, zero grads.
-The configurations run in rounds (abcdef abcdef ...), `--steps` batches each per round, after one untimed warm-up
+The configurations run in rounds (abcdefgt abcdefgt ...), `--steps` batches each per round, after one untimed warm-up
 step each; the medians over rounds are reported, so background load hits every configuration alike.
 
 Memory: each configuration runs again in a subprocess of its own for `--memory-steps` steps. "peak +MiB" is the
@@ -25,11 +29,18 @@ just before them, i.e. the steps' own working memory: activations, gradients, op
 for (e), the pages of the memory-mapped cache that were read). "peak MiB" is that highest resident set size itself,
 models and data included. (`getrusage`'s ru_maxrss is no use here: a child started by `subprocess` reports the
 parent's high-water mark from before its exec.)
+
+Targets (issue 8, item 6), from ratios measured side by side in this one run: (e) at >= 0.97x the speed of (a), and
+(d) >= 1.2x faster than (f). Everything printed is also written to `--output` (JSON; temp file, then rename): the
+command, commit, date, threads, load averages, versions, each configuration's figures, the ratios and the verdicts.
+On a shared machine (1-minute load average above 1) run with `--threads 1`: with several threads each step waits for
+whichever thread another process pre-empted, which measures the neighbours, not the code.
 """
 
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -42,7 +53,7 @@ from pathlib import Path
 import psutil
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
 import hf_distill.trainer
 from hf_distill import (
@@ -54,6 +65,7 @@ from hf_distill import (
     make_student,
     tokenize_dataset,
 )
+from hf_distill.config import display_path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # the shared data and tools sit next to the checkout (../shared/README.md)
@@ -62,19 +74,35 @@ DISTILL = dict(task_weight=0.5, logits_weight=0.5)
 HIDDEN = dict(DISTILL, hidden_weight=1.0)
 ATTENTION = dict(HIDDEN, attention_weight=1.0)
 
-# (key, label, DistillationConfig overrides, eager attention throughout)
+# (key, label, DistillationConfig overrides, how the step runs: our capture, eager everywhere, or TextBrewer)
+CAPTURED, EAGER, TEXTBREWER = "captured", "eager", "textbrewer"
 CONFIGS = [
-    ("a", "student alone", dict(task_weight=1.0, logits_weight=0.0), False),
-    ("b", "KD: logits", DISTILL, False),
-    ("c", "KD: logits + hidden", HIDDEN, False),
-    ("d", "KD: logits + hidden + attention (captured)", ATTENTION, False),
-    ("e", "(d) from the teacher cache", dict(ATTENTION, use_teacher_cache=True, teacher_cache_attentions=True), False),
-    ("f", "(d) with eager attention everywhere", ATTENTION, True),
+    ("a", "student alone", dict(task_weight=1.0, logits_weight=0.0), CAPTURED),
+    ("b", "KD: logits", DISTILL, CAPTURED),
+    ("c", "KD: logits + hidden", HIDDEN, CAPTURED),
+    ("d", "KD: logits + hidden + attention (captured)", ATTENTION, CAPTURED),
+    (
+        "e",
+        "(d) from the teacher cache",
+        dict(ATTENTION, use_teacher_cache=True, teacher_cache_attentions=True),
+        CAPTURED,
+    ),
+    ("f", "(d) with eager attention everywhere", ATTENTION, EAGER),
+    ("g", "(d) with the teacher in bfloat16", dict(ATTENTION, teacher_dtype="bfloat16"), CAPTURED),
+    ("t", "(f) done by TextBrewer 0.2.1", ATTENTION, TEXTBREWER),
 ]
+# (name, ratio of the per-step medians, op, limit, what the ratio is); "x faster" = the other's step time / ours.
 TARGETS = [
-    ("(e) speed >= 0.9x (a)", lambda t: t["a"] / t["e"], ">=", 0.9, "speed of (e) / speed of (a)"),
-    ("(d) step time <= 1.25x (b)", lambda t: t["d"] / t["b"], "<=", 1.25, "step time (d) / step time (b)"),
-    ("(d) >= 1.3x faster than (f)", lambda t: t["f"] / t["d"], ">=", 1.3, "step time (f) / step time (d)"),
+    ("(e) speed >= 0.97x (a)", lambda t: t["a"] / t["e"], ">=", 0.97, "speed of (e) / speed of (a)"),
+    ("(d) >= 1.2x faster than (f)", lambda t: t["f"] / t["d"], ">=", 1.2, "step time (f) / step time (d)"),
+]
+# Reported, no target.
+RATIOS = [
+    ("d_over_b", lambda t: t["d"] / t["b"], "step time (d) / step time (b): what attention capture costs"),
+    ("f_over_g", lambda t: t["f"] / t["g"], "step time (f) / step time (g): (g) faster than (f) by"),
+    ("g_over_d", lambda t: t["g"] / t["d"], "step time (g) / step time (d): bfloat16 teacher against float32"),
+    ("t_over_d", lambda t: t["t"] / t["d"], "step time (t) / step time (d): (d) faster than TextBrewer by"),
+    ("t_over_f", lambda t: t["t"] / t["f"], "step time (t) / step time (f): TextBrewer against (f)"),
 ]
 
 
@@ -85,12 +113,17 @@ def parse_args(argv):
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per memory subprocess (0: skip memory)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--configs", default="abcdef", help="which configurations to run, e.g. 'abde'")
+    parser.add_argument("--configs", default="abcdefgt", help="which configurations to run, e.g. 'abde'")
     parser.add_argument("--shared-dir", default=str(SHARED), help="the shared folder (data/sst2, tools/)")
     parser.add_argument("--cache-dir", default=str(OUTPUTS / "teacher_cache"))
     parser.add_argument("--rebuild-cache", action="store_true", help="delete the teacher cache first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", default=None, help="profile this configuration's steps with torch.profiler")
+    parser.add_argument(
+        "--output",
+        default=str(REPO / "benchmarks" / "results" / "bench_speed.json"),
+        help="where to write the results as JSON ('' for nowhere)",
+    )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one memory subprocess
     return parser.parse_args(argv)
 
@@ -135,12 +168,8 @@ def eager_features(enabled: bool):
         hf_distill.trainer.forward_with_features = original
 
 
-def make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args):
-    if eager:
-        teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
-        teacher.set_attn_implementation("eager")
-        student.set_attn_implementation("eager")
-    config = DistillationConfig(
+def make_config(key, overrides, args) -> DistillationConfig:
+    return DistillationConfig(
         output_dir=str(OUTPUTS / key),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
@@ -153,6 +182,16 @@ def make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args
         teacher_cache_dir=args.cache_dir,
         **overrides,
     )
+
+
+def make_trainer(key, overrides, kind, teacher, student, tokenizer, train, args):
+    if kind == EAGER:
+        teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
+        teacher.set_attn_implementation("eager")
+        student.set_attn_implementation("eager")
+    if "teacher_dtype" in overrides:
+        teacher = copy.deepcopy(teacher)  # the trainer casts the teacher it is given in place
+    config = make_config(key, overrides, args)
     start = time.perf_counter()
     trainer = DistillationTrainer(
         model=copy.deepcopy(student),
@@ -164,13 +203,33 @@ def make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args
     )
     trainer.setup_seconds = time.perf_counter() - start
     trainer.create_optimizer()
-    trainer.eager = eager
+    trainer.eager = kind == EAGER
     trainer.prepared = trainer._remove_unused_columns(trainer.train_dataset)  # as get_train_dataloader does
     return trainer
 
 
+def make_runners(configs, teacher, student, tokenizer, train, args) -> dict:
+    """One trainer per configuration ((t): a `TextBrewerRunner`), in order."""
+    # (t) uses the optimizer the Trainer makes (same class and arguments), read from a config made before any trainer:
+    # creating a TrainingArguments resets accelerate's shared state, which the trainers built before it rely on.
+    optimizer = Trainer.get_optimizer_cls_and_kwargs(make_config("t", ATTENTION, args))
+    runners = {}
+    for key, _, overrides, kind in configs:
+        if kind == TEXTBREWER:
+            from bench_speed_textbrewer import TextBrewerRunner, import_textbrewer  # next to this script
+
+            textbrewer = import_textbrewer()
+            runners[key] = TextBrewerRunner(textbrewer, teacher, student, tokenizer, train, optimizer, OUTPUTS / key)
+        else:
+            runners[key] = make_trainer(key, overrides, kind, teacher, student, tokenizer, train, args)
+    return runners
+
+
 def train_step(trainer, indices: list[int]) -> None:
     """One batch as the Trainer's loop runs it: fetch rows, collate, forward/backward, optimizer step."""
+    if not isinstance(trainer, DistillationTrainer):  # (t)
+        trainer.step(indices)
+        return
     rows = trainer.prepared.__getitems__(indices)
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
     counts = trainer._get_num_items_in_batch([batch], trainer.args.device)
@@ -202,6 +261,43 @@ class RssSampler:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "hf_distill", "scripts"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return head + (" (with uncommitted changes under hf_distill/ or scripts/)" if dirty else "")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write `payload` to a temp file next to `path`, then rename it over `path` (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def verdicts(step: dict[str, float]) -> tuple[list[dict], dict[str, dict]]:
+    """The targets and the reported ratios that this run's configurations allow."""
+    targets, ratios = [], {}
+    for name, value, op, limit, what in TARGETS:
+        try:
+            v = value(step)
+        except KeyError:
+            continue
+        met = v >= limit if op == ">=" else v <= limit
+        targets.append({"target": name, "ratio": what, "value": v, "limit": f"{op} {limit}", "met": met})
+    for name, value, what in RATIOS:
+        try:
+            ratios[name] = {"value": value(step), "what": what}
+        except KeyError:
+            continue
+    return targets, ratios
+
+
 def main(argv=None):
     # ------------------------------------------------------------------ args
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -212,7 +308,11 @@ def main(argv=None):
     datasets.disable_progress_bars()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     configs = [c for c in CONFIGS if c[0] in (args.memory_of or args.configs)]
+    if any(kind == TEXTBREWER for *_, kind in configs) and importlib.util.find_spec("textbrewer") is None:
+        print("(t) skipped: textbrewer is not installed (pip install --no-deps textbrewer)")
+        configs = [c for c in configs if c[3] != TEXTBREWER]
     batches = [
         list(range(i * args.batch_size, (i + 1) * args.batch_size)) for i in range(max(args.steps, args.memory_steps))
     ]
@@ -226,8 +326,7 @@ def main(argv=None):
     train = load_data(tokenizer, sst2_train_file(args), len(batches) * args.batch_size, args.max_length)
 
     if args.memory_of:  # ---------------------------------------- one memory subprocess
-        key, _, overrides, eager = configs[0]
-        trainer = make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args)
+        trainer = next(iter(make_runners(configs[:1], teacher, student, tokenizer, train, args).values()))
         sampler = RssSampler()
         for indices in batches[: args.memory_steps]:
             train_step(trainer, indices)
@@ -241,8 +340,10 @@ def main(argv=None):
         shutil.rmtree(args.cache_dir)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} at start"
+        f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} at start"
     )
+    if load_start[0] > 1 and torch.get_num_threads() > 1:
+        print("the 1-minute load average is above 1: the step times will measure the neighbours; use --threads 1")
     lengths = [max(len(train[i]["input_ids"]) for i in b) for b in batches[: args.steps]]
     sizes = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (teacher, student)]
     print(
@@ -251,19 +352,26 @@ def main(argv=None):
     )
 
     # ------------------------------------------------------------------ trainers (the cache is built here, once)
-    trainers = {}
-    for key, _, overrides, eager in configs:
-        trainers[key] = make_trainer(key, overrides, eager, teacher, student, tokenizer, train, args)
-        cache = trainers[key].teacher_cache
+    trainers, cache_info = make_runners(configs, teacher, student, tokenizer, train, args), None
+    for key, trainer in trainers.items():
+        cache = trainer.teacher_cache
         if cache is not None:
             how = "built now" if cache.built else "found on disk, built earlier"
             size = sum(os.path.getsize(os.path.join(cache.path, f)) for f in os.listdir(cache.path)) / 2**20
+            cache_info = {
+                "config": key,
+                "how": how,
+                "build_seconds": cache.build_seconds,
+                "rows": len(train),
+                "mib": size,
+                "columns": sorted(cache.layouts),
+            }
             print(
                 f"teacher cache for ({key}): {how} in {cache.build_seconds:.1f}s for {len(train)} rows, "
                 f"{size:.1f} MiB, columns {sorted(cache.layouts)}"
             )
 
-    # ------------------------------------------------------------------ timing: rounds of abcdef
+    # ------------------------------------------------------------------ timing: rounds of abcdefgt
     for trainer in trainers.values():  # warm-up: first-step allocations, optimizer state
         train_step(trainer, batches[0])
     times = {key: [] for key in trainers}
@@ -291,25 +399,63 @@ def main(argv=None):
         f"{'config':<47} {'samples/s':>9} {'x (a)':>6} {'step ms':>8} {'min-max ms':>12} {'peak +MiB':>9} "
         f"{'x (a)':>6} {'peak MiB':>9}"
     )
+    results = {}
     for key, label, _, _ in configs:
         sps = args.batch_size / step[key]
         spread = f"{min(times[key]) * 1e3:.0f}-{max(times[key]) * 1e3:.0f}"
         line = f"({key}) {label:<43} {sps:>9.1f} {step['a'] / step[key] if 'a' in step else float('nan'):>6.2f}"
         line += f" {step[key] * 1e3:>8.0f} {spread:>12}"
+        results[key] = {
+            "label": label,
+            "samples_per_s": sps,
+            "step_ms": step[key] * 1e3,
+            "step_ms_per_round": [t * 1e3 for t in times[key]],
+        }
         if key in memory:
             ratio = memory[key]["peak_delta_mib"] / memory["a"]["peak_delta_mib"] if "a" in memory else float("nan")
             line += f" {memory[key]['peak_delta_mib']:>9.0f} {ratio:>6.2f} {memory[key]['peak_mib']:>9.0f}"
+            results[key].update(memory[key])
         print(line)
     print()
-    for name, value, op, limit, what in TARGETS:
-        try:
-            v = value(step)
-        except KeyError:
-            continue
-        met = v >= limit if op == ">=" else v <= limit
-        print(f"target {name:<30} {what} = {v:.2f}  {'MET' if met else 'MISSED'}")
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at end")
+    targets, ratios = verdicts(step)
+    for t in targets:
+        print(f"target {t['target']:<30} {t['ratio']} = {t['value']:.2f}  {'MET' if t['met'] else 'MISSED'}")
+    for r in ratios.values():
+        print(f"ratio  {r['what']} = {r['value']:.2f}")
+    load_end = os.getloadavg()
+    print(f"load average {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f} at end")
+
+    # ------------------------------------------------------------------ save
+    if args.output:
+        threads = torch.get_num_threads()
+        write_json(
+            Path(args.output),
+            {
+                "command": " ".join(["python", *[display_path(a, REPO) or a for a in sys.argv]]),
+                "commit": git_commit(),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "threads": threads,
+                "threads_note": (
+                    "one thread: the 1-minute load average was above 1 at the start (a shared machine)"
+                    if threads == 1 and load_start[0] > 1
+                    else "torch's default"
+                    if not args.threads
+                    else "set by --threads"
+                ),
+                "load_average_start": list(load_start),
+                "load_average_end": list(load_end),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "textbrewer": getattr(sys.modules.get("textbrewer"), "__version__", None),
+                "batches": {"count": args.steps, "batch_size": args.batch_size, "padded_lengths": lengths},
+                "rounds": args.rounds,
+                "teacher_cache": cache_info,
+                "configs": results,
+                "targets": targets,
+                "ratios": ratios,
+            },
+        )
+        print(f"wrote {display_path(str(Path(args.output).resolve()), REPO)}")
 
     # ------------------------------------------------------------------ profile (optional)
     if args.profile:
