@@ -178,7 +178,7 @@ def attend(
     output = torch.matmul(weights, value)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
         attends = attention_mask[..., : value.shape[-2]].any(-1, keepdim=True)
-        output = output.masked_fill(~attends, 0)
+        output = torch.where(attends, output, 0.0)
     return output.transpose(1, 2).contiguous(), weights
 
 
@@ -219,18 +219,21 @@ def attention_probabilities(
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    # Scaling the (q_len, head_dim) queries costs less than scaling the (q_len, kv_len) scores once sequences are
+    # longer than a head; the result differs from eager's order by rounding only.
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))
     q_len, kv_len = scores.shape[-2:]
     # Masked scores get the dtype's minimum rather than -inf, as in eager attention, so that fully masked (padding)
-    # rows stay finite instead of turning into NaN that would poison the backward pass.
+    # rows stay finite instead of turning into NaN that would poison the backward pass. `where` makes one pass over
+    # the scores where `masked_fill` copies them first.
     masked_value = torch.finfo(scores.dtype).min
     if attention_mask is None:
         # SDPA only uses its causal kernel for more than one query, with the mask aligned to the top left.
         if is_causal and q_len > 1:
             allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~allowed, masked_value)
+            scores = torch.where(allowed, scores, masked_value)
     elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :kv_len], masked_value)
+        scores = torch.where(attention_mask[..., :kv_len], scores, masked_value)
     else:
         scores = scores + attention_mask[..., :kv_len].float()
     return scores.softmax(dim=-1)
