@@ -262,11 +262,15 @@ class RssSampler:
 
 # ---------------------------------------------------------------------------------------------------- main
 def git_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def uncommitted_paths() -> list[str]:
+    """Files of the package and scripts that differ from the commit (the checkout is shared: maybe not ours)."""
+    status = subprocess.run(
         ["git", "status", "--porcelain", "--", "hf_distill", "scripts"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    return head + (" (with uncommitted changes under hf_distill/ or scripts/)" if dirty else "")
+    ).stdout
+    return sorted(line[3:] for line in status.splitlines())
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -433,6 +437,7 @@ def main(argv=None):
             {
                 "command": " ".join(["python", *[display_path(a, REPO) or a for a in sys.argv]]),
                 "commit": git_commit(),
+                "uncommitted_changes": uncommitted_paths(),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "threads": threads,
                 "threads_note": (

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from bench_speed import SHARED, git_commit, load_data, minilm_dir, sst2_train_file, write_json
+from bench_speed import SHARED, git_commit, load_data, minilm_dir, sst2_train_file, uncommitted_paths, write_json
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_distill import LayerMatch, forward_with_features, make_student
@@ -269,6 +269,7 @@ def main(argv=None):
         {
             "command": " ".join(["python", *[display_path(a, REPO) or a for a in sys.argv]]),
             "commit": git_commit(),
+            "uncommitted_changes": uncommitted_paths(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "threads": torch.get_num_threads(),
             "load_average_start": list(load_start),
