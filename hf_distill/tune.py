@@ -36,7 +36,7 @@ from datasets import Dataset, DatasetDict
 from transformers import DataCollatorWithPadding
 from transformers.trainer_utils import SaveStrategy
 
-from .cache import TeacherCacheSpec, attach_teacher_cache, build_teacher_cache
+from .cache import TeacherCache, TeacherCacheSpec, attach_teacher_cache, build_teacher_cache
 from .config import DataArguments, DistillationConfig, ModelArguments
 from .data import (
     UNLABELLED_COLUMN,
@@ -127,7 +127,7 @@ def load_tuning_splits(data_args: DataArguments, tune: TuneConfig, seed: int) ->
     return DatasetDict(train=train, validation=validation), info
 
 
-def _with_cached_teacher(trainer: DistillationTrainer, dataset: Dataset) -> Dataset:
+def _with_cached_teacher(trainer: DistillationTrainer, dataset: Dataset) -> tuple[Dataset, TeacherCache]:
     """`dataset` with the teacher's outputs attached from a cache of the trainer's spec, so evaluating it (once per
     trial) runs no teacher either. The columns are those `remove_unused_columns` keeps, as for the training rows."""
     cache = trainer.teacher_cache
@@ -145,7 +145,7 @@ def _with_cached_teacher(trainer: DistillationTrainer, dataset: Dataset) -> Data
         batch_size=trainer.args.per_device_eval_batch_size,
         columns=columns,
     )
-    return attach_teacher_cache(dataset, built, verify=False)
+    return attach_teacher_cache(dataset, built, verify=False), built
 
 
 # ---------------------------------------------------------------------- the search
@@ -293,8 +293,10 @@ def tune_distillation(
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )
+    caches = []
     if trainer.teacher_cache is not None:
-        trainer.eval_dataset = _with_cached_teacher(trainer, ds["validation"])
+        trainer.eval_dataset, validation_cache = _with_cached_teacher(trainer, ds["validation"])
+        caches = [trainer.teacher_cache, validation_cache]
 
     done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
@@ -323,17 +325,23 @@ def tune_distillation(
             catch=(NonFiniteLossError,),  # a diverging trial fails alone; the study goes on
         )
     study = optuna.load_study(study_name=tune.study_name, storage=storage)
-    trials = [_trial_record(t) for t in study.trials]
+    waiting = optuna.trial.TrialState.WAITING  # enqueued, not run yet
+    trials = [_trial_record(t) for t in study.trials if t.state != waiting]
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     if not complete:
         raise RuntimeError(f"no trial of the study in {storage} completed: {[t['state'] for t in trials]}.")
-    cache = trainer.teacher_cache
     return TuneResult(
         best=_trial_record(study.best_trial),
         trials=trials,
         settings=settings,
         validation=validation,
-        teacher_cache=None if cache is None else {k: getattr(cache, k) for k in ("path", "built", "build_seconds")},
+        teacher_cache=None
+        if not caches
+        else {
+            "paths": [c.path for c in caches],  # the training rows', the validation slice's
+            "built": any(c.built for c in caches),  # by this call (False: found on disk)
+            "build_seconds": sum(c.build_seconds for c in caches),  # when they were built
+        },
         tune_dir=tune_dir,
         storage=storage,
         seconds=time.perf_counter() - start,

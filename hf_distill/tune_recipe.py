@@ -29,6 +29,7 @@ from .config import (
     RECIPE_PATH_FIELDS,
     DataArguments,
     ModelArguments,
+    RunArguments,
     display_path,
     load_recipe,
     recipe_root,
@@ -45,6 +46,7 @@ SECTIONS = (
     (ModelArguments, "# Model arguments"),
     (DataArguments, "# Data arguments"),
     (TrainingArguments, "# Training"),
+    (RunArguments, "# Training"),
 )
 DISTILLATION_SECTION = "# Distillation"
 
@@ -91,8 +93,8 @@ def _section(name: str) -> str:
 
 def _yaml_line(key: str, value: Any) -> str:
     # The value alone in flow style ("2.0", "[a, b]", "'no'"), without the end-of-document marker of a scalar.
-    dumped = yaml.safe_dump(value, default_flow_style=True, width=10**6)
-    return f"{key}: {dumped.removesuffix(chr(10) + '...' + chr(10)).strip()}"
+    dumped = yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+    return f"{key}: {dumped}"
 
 
 def set_recipe_values(text: str, values: dict[str, Any]) -> str:
