@@ -14,8 +14,10 @@ the recipe `recipes/minilm-sst2_to_minilm-l3/vanilla_kd.yaml` (MiniLM-L6 teacher
 
 The modes take turns trial by trial (each a study in its own folder, continued one trial at a time), so background
 load on a shared machine falls on all three alike. A trial's seconds are optuna's (model_init, training, evaluation);
-trials per hour = 3600 / the median trial's seconds (and, apart, 3600 x trials / their total seconds). The
-cache's one-off build is reported apart.
+trials per hour = 3600 / the median trial's seconds (and, apart, 3600 x trials / their total seconds). Each trial's
+CPU seconds (this process, all threads, from its setup to its evaluation) are recorded too: on a machine shared with
+other work they change far less than the wall time, so the ratios are also given in CPU seconds. The cache's one-off
+build is reported apart.
 
 The teacher is the fine-tuned MiniLM at `outputs/expA/teacher` when it is there (written by another benchmark run);
 otherwise the pretrained all-MiniLM-L6-v2 with a fresh classification head (fine for a cost measurement: the cost of a
@@ -122,26 +124,32 @@ def main(argv=None):
             trial = result.trials[-1]  # the one this call ran
             cache = result.teacher_cache
             results[mode].append({
-                "params": trial["params"], "seconds": round(trial["seconds"], 2), "accuracy": trial["objective"],
+                "params": trial["params"], "seconds": round(trial["seconds"], 2), "cpu_seconds": trial["cpu_seconds"],
+                "accuracy": trial["objective"],
                 "call_seconds": round(time.perf_counter() - start, 2),
                 "cache_build_seconds": round(cache["build_seconds"], 2) if cache and cache["built"] else None,
             })  # fmt: skip
             load.append(round(os.getloadavg()[0], 2))
-            print(f"{mode:14s} trial {n}: {trial['seconds']:.1f}s, accuracy {trial['objective']:.4f}", flush=True)
+            print(f"{mode:14s} trial {n}: {trial['seconds']:.1f}s ({trial['cpu_seconds']:.1f} CPU s), accuracy "
+                  f"{trial['objective']:.4f}", flush=True)  # fmt: skip
 
     # Trials per hour from the median trial (robust to a trial slowed down by other work on a shared machine), and
     # from all trials' total.
     summary = {}
     for mode, trials in results.items():
         seconds = [t["seconds"] for t in trials]
+        cpu = [t["cpu_seconds"] for t in trials]
         summary[mode] = {
             "trial_seconds": seconds,
             "median_trial_seconds": statistics.median(seconds),
+            "trial_cpu_seconds": cpu,
+            "median_trial_cpu_seconds": statistics.median(cpu),
             "trials_per_hour": round(3600 / statistics.median(seconds), 1),
             "trials_per_hour_from_total": round(3600 * len(seconds) / sum(seconds), 1),
             "cache_build_seconds": next((t["cache_build_seconds"] for t in trials if t["cache_build_seconds"]), None),
         }
     tph = {mode: s["trials_per_hour"] for mode, s in summary.items()}
+    cpu = {mode: s["median_trial_cpu_seconds"] for mode, s in summary.items()}
     record = {
         "command": " ".join(["python", "benchmarks/tune_cost.py", *(sys.argv[1:] if argv is None else argv)]),
         "commit": git_commit(),
@@ -169,13 +177,17 @@ def main(argv=None):
         "ratios": {
             "teacher cache / live teacher": round(tph["teacher cache"] / tph["live teacher"], 2),
             "teacher cache / student alone": round(tph["teacher cache"] / tph["student alone"], 2),
+            # The same comparison in CPU seconds per trial (inverted: trials per CPU hour), less sensitive to load.
+            "cpu: teacher cache / live teacher": round(cpu["live teacher"] / cpu["teacher cache"], 2),
+            "cpu: teacher cache / student alone": round(cpu["student alone"] / cpu["teacher cache"], 2),
         },
         "trials": results,
     }
     write_text_atomic(args.out, json.dumps(record, indent=2) + "\n")
-    print(f"\n{'mode':14s} {'median s/trial':>15s} {'trials/hour':>12s}")
+    print(f"\n{'mode':14s} {'median s/trial':>15s} {'trials/hour':>12s} {'median CPU s/trial':>19s}")
     for mode, s in summary.items():
-        print(f"{mode:14s} {s['median_trial_seconds']:15.1f} {s['trials_per_hour']:12.1f}")
+        print(f"{mode:14s} {s['median_trial_seconds']:15.1f} {s['trials_per_hour']:12.1f} "
+              f"{s['median_trial_cpu_seconds']:19.1f}")  # fmt: skip
     for name, value in record["ratios"].items():
         print(f"{name}: {value}x")
     build = summary["teacher cache"]["cache_build_seconds"]

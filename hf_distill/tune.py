@@ -195,6 +195,7 @@ def _trial_record(trial) -> dict[str, Any]:
         "objective": trial.value,
         "metrics": trial.user_attrs.get("metrics"),
         "seconds": seconds,
+        "cpu_seconds": trial.user_attrs.get("cpu_seconds"),
         "recipe_values": trial.user_attrs.get("recipe_values", False),
     }
 
@@ -303,11 +304,15 @@ def tune_distillation(
     def hp_space(trial) -> dict[str, float]:
         values = trial_values(suggest_params(trial, dims), training_args)
         trial.set_user_attr("values", values)
-        current["trial"] = trial
+        current["trial"], current["cpu"] = trial, time.process_time()
         return values
 
     def compute_objective(metrics: dict[str, float]) -> float:
-        current["trial"].set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
+        trial = current["trial"]
+        trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
+        # CPU time of this process (all its threads) from the trial's setup to its evaluation: unlike the wall time,
+        # hardly changed by other work on a shared machine.
+        trial.set_user_attr("cpu_seconds", round(time.process_time() - current["cpu"], 3))
         return metrics[f"eval_{tune.metric}"]
 
     current: dict[str, Any] = {}

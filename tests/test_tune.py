@@ -412,7 +412,7 @@ def test_the_tuned_recipe_loads_and_runs(workdir, tmp_path):
         assert fact in header.replace("\n# ", " "), fact
     trials = json.loads((tmp_path / "tune" / "trials.json").read_text())
     assert [t["params"] for t in trials["trials"]] == [t["params"] for t in result.trials]
-    assert all(t["seconds"] > 0 and t["objective"] is not None for t in trials["trials"])
+    assert all(t["seconds"] > 0 and t["cpu_seconds"] > 0 and t["objective"] is not None for t in trials["trials"])
     assert not list(tmp_path.rglob("*.tmp"))
 
     # It runs: scripts/distill.py trains with the tuned values, and evaluates on the dev split.
