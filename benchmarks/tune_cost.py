@@ -108,7 +108,7 @@ def main(argv=None):
         "--logging_steps", "1000", "--dataloader_num_workers", "0",
     ]  # fmt: skip
     results = {mode: [] for mode in MODES}
-    load = [os.getloadavg()[0]]
+    load = [round(os.getloadavg()[0], 2)]
     for n in range(1, len(TRIALS) + 1):
         for mode, flags in MODES.items():
             folder = os.path.join(args.work_dir, mode.replace(" ", "_"))

@@ -15,12 +15,12 @@ from .config import DistillationConfig
 logger = logging.getLogger(__name__)
 
 INTERMEDIATE_WEIGHTS = ("hidden_weight", "attention_weight", "embeddings_weight")
-# Search dimension -> (lower-bound rule, whether it is searched on a log scale).
+# Search dimension -> (bounds rule, whether it is searched on a log scale, an example range).
 DIMENSIONS = {
-    "temperature": ("> 0", False),
-    "alpha": (">= 0 and high <= 1", False),
-    "learning_rate": ("> 0", True),
-    **{name: ("> 0", True) for name in INTERMEDIATE_WEIGHTS},
+    "temperature": ("> 0", False, "1,8"),
+    "alpha": (">= 0 and high <= 1", False, "0.1,0.9"),
+    "learning_rate": ("> 0", True, "2e-5,5e-4"),
+    **{name: ("> 0", True, "0.25,4") for name in INTERMEDIATE_WEIGHTS},
 }
 SAMPLERS = ("tpe", "random")
 DIRECTIONS = ("maximize", "minimize")
@@ -154,7 +154,7 @@ def _parse_range(name: str, value: str | None) -> tuple[float, float] | str | No
         if name in INTERMEDIATE_WEIGHTS:
             return AUTO
         raise ValueError(f"{field_name}='auto' is only for the intermediate weights. Use 'low,high' or 'none'.")
-    rule = DIMENSIONS[name][0]
+    rule, _, example = DIMENSIONS[name]
     try:
         low, high = (float(x) for x in str(value).split(","))
     except ValueError:
@@ -162,14 +162,13 @@ def _parse_range(name: str, value: str | None) -> tuple[float, float] | str | No
     valid = low < high and (low >= 0 and high <= 1 if name == "alpha" else low > 0)
     if not valid:
         raise ValueError(
-            f"{field_name} must be 'low,high' with low < high and low {rule}, got {value!r}. Use e.g. "
-            f"{TuneConfig.__dataclass_fields__[field_name].default!r} if that is a range, or 'none' to keep the "
-            "recipe's value."
+            f"{field_name} must be 'low,high' with low < high and low {rule}, got {value!r}. Use e.g. {example!r}, "
+            "or 'none' to keep the recipe's value."
         )
     return low, high
 
 
-def search_dimensions(tune: TuneConfig, args: DistillationConfig, transfer_set: bool = False) -> list:
+def search_dimensions(tune: TuneConfig, args: DistillationConfig, transfer_set: bool = False) -> list[SearchDimension]:
     """The `SearchDimension`s of `tune` for the base recipe `args`; refuses dimensions the recipe cannot vary.
 
     Args:
@@ -178,7 +177,7 @@ def search_dimensions(tune: TuneConfig, args: DistillationConfig, transfer_set: 
         transfer_set: whether the training rows include a transfer set (unlabelled rows need a teacher term).
     """
     dims = []
-    for name, (_, log) in DIMENSIONS.items():
+    for name, (_, log, _) in DIMENSIONS.items():
         rng = tune.ranges[name]
         if name in INTERMEDIATE_WEIGHTS:
             base = getattr(args, name)

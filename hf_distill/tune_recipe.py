@@ -153,10 +153,11 @@ def _header(result: TuneResult, recipe_path: str | None, target_root: Path, comm
     rows = validation["train_rows"]
     source = display_path(os.path.abspath(recipe_path), target_root) if recipe_path else "the command line"
     tuned = ", ".join(f"{k} {v:g} (recipe: {run.get(k)})" for k, v in best["values"].items())
+    alpha = ""
+    if "alpha" in best["params"]:
+        alpha = "; alpha = logits_weight / (task_weight + logits_weight), their sum kept"
     paragraphs = [
-        f"Tuned by scripts/tune.py from {source}. Search: {', '.join(settings['search_space'])}"
-        + ("; alpha = logits_weight / (task_weight + logits_weight), their sum kept" * ("alpha" in best["params"]))
-        + ".",
+        f"Tuned by scripts/tune.py from {source}. Search: {', '.join(settings['search_space'])}{alpha}.",
         f"{len(complete)} complete trials ({len(result.trials)} run), optuna sampler {settings['sampler']}, selected "
         f"on {settings['metric']} ({settings['direction']}) of a validation slice of {validation['validation_rows']} "
         f"labelled training rows (validation_seed {validation['validation_seed']}), held out of the "
