@@ -293,8 +293,21 @@ def write_json(path: Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def verdicts(step: dict[str, float]) -> tuple[list[dict], dict[str, dict]]:
-    """The targets and the reported ratios that this run's configurations allow."""
+def verdicts(step: dict[str, float], rounds: dict[str, list[float]] | None = None) -> tuple[list[dict], dict]:
+    """The targets and the reported ratios that this run's configurations allow.
+
+    Each ratio is taken of the per-configuration medians `step` (the verdict), and, given the per-round times
+    `rounds`, also round by round: the configurations of one round ran back to back, so the median and range of those
+    paired ratios show how much of a verdict the machine's load could have made.
+    """
+
+    def paired(value) -> dict:
+        if rounds is None:
+            return {}
+        count = len(next(iter(rounds.values())))
+        per_round = [value({key: times[i] for key, times in rounds.items()}) for i in range(count)]
+        return {"per_round_median": statistics.median(per_round), "per_round_range": [min(per_round), max(per_round)]}
+
     targets, ratios = [], {}
     for name, value, op, limit, what in TARGETS:
         try:
@@ -302,10 +315,12 @@ def verdicts(step: dict[str, float]) -> tuple[list[dict], dict[str, dict]]:
         except KeyError:
             continue
         met = v >= limit if op == ">=" else v <= limit
-        targets.append({"target": name, "ratio": what, "value": v, "limit": f"{op} {limit}", "met": met})
+        targets.append(
+            {"target": name, "ratio": what, "value": v, "limit": f"{op} {limit}", "met": met, **paired(value)}
+        )
     for name, value, what in RATIOS:
         try:
-            ratios[name] = {"value": value(step), "what": what}
+            ratios[name] = {"value": value(step), "what": what, **paired(value)}
         except KeyError:
             continue
     return targets, ratios
@@ -439,15 +454,21 @@ def main(argv=None):
             line += " " * 27
         print(line + f" {medians[other][key] * 1e3:>8.0f}")
     print()
-    targets, ratios = verdicts(step)
-    other_targets, _ = verdicts(medians[other])
+    targets, ratios = verdicts(step, times)
+    other_targets, _ = verdicts(medians[other], clocks[other])
     for t, o in zip(targets, other_targets):
         verdict = "MET" if t["met"] else "MISSED"
         print(
-            f"target {t['target']:<30} {t['ratio']} = {t['value']:.2f}  {verdict}  ({other} clock: {o['value']:.2f})"
+            f"target {t['target']:<30} {t['ratio']} = {t['value']:.2f}  {verdict}  ({other} clock: {o['value']:.2f}); "
+            f"round by round median {t['per_round_median']:.2f}, range {t['per_round_range'][0]:.2f}-"
+            f"{t['per_round_range'][1]:.2f}"
         )
     for r in ratios.values():
-        print(f"ratio  {r['what']} = {r['value']:.2f}")
+        low, high = r["per_round_range"]
+        print(
+            f"ratio  {r['what']} = {r['value']:.2f}; round by round median {r['per_round_median']:.2f}, "
+            f"range {low:.2f}-{high:.2f}"
+        )
     load_end = os.getloadavg()
     print(f"load average {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f} at end")
 

@@ -76,6 +76,17 @@ def test_verdicts_are_the_issue_targets_and_skip_configs_not_run(scripts):
     assert bench.verdicts({"a": 0.5})[0] == []
 
 
+def test_verdicts_pair_the_configs_round_by_round(scripts):
+    # Round 2 ran under load: every configuration took twice as long. Paired per round, the ratio is unchanged.
+    rounds = {"a": [0.50, 1.00, 0.52], "e": [0.51, 1.04, 0.52], "d": [0.70, 1.40, 0.69], "f": [0.90, 1.80, 0.92]}
+    step = {key: sorted(times)[1] for key, times in rounds.items()}
+    targets, ratios = scripts["bench_speed"].verdicts(step, rounds)
+    e_vs_a = [0.50 / 0.51, 1.00 / 1.04, 1.0]
+    assert targets[0]["per_round_median"] == pytest.approx(sorted(e_vs_a)[1])
+    assert targets[0]["per_round_range"] == pytest.approx([min(e_vs_a), max(e_vs_a)])
+    assert ratios == {}  # no (b), (g) or (t) in this run
+
+
 def test_write_json_replaces_the_file_whole_or_not_at_all(scripts, tmp_path):
     bench = scripts["bench_speed"]
     path = tmp_path / "results" / "bench.json"
@@ -116,10 +127,12 @@ def test_committed_results_are_consistent_and_hold_no_machine_paths(scripts):
         assert row["samples_per_s"] == pytest.approx(results["batches"]["batch_size"] / row["step_ms"] * 1e3)
     # The verdicts are those of the step times stored next to them.
     step = {key: row["step_ms"] for key, row in results["configs"].items()}
-    targets, ratios = scripts["bench_speed"].verdicts(step)
+    rounds = {key: row[f"{results['clock']}_ms_per_round"] for key, row in results["configs"].items()}
+    targets, ratios = scripts["bench_speed"].verdicts(step, rounds)
     assert [(t["target"], t["met"]) for t in targets] == [(t["target"], t["met"]) for t in results["targets"]]
     for t, stored in zip(targets, results["targets"]):
         assert stored["value"] == pytest.approx(t["value"])
+        assert stored["per_round_median"] == pytest.approx(t["per_round_median"])
     assert {k: v["value"] for k, v in ratios.items()} == pytest.approx(
         {k: v["value"] for k, v in results["ratios"].items()}
     )
