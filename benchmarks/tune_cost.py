@@ -82,6 +82,7 @@ def git_commit() -> str:
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    commit = git_commit()  # at the start: what runs is what was checked out then
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import optuna
@@ -152,7 +153,7 @@ def main(argv=None):
     cpu = {mode: s["median_trial_cpu_seconds"] for mode, s in summary.items()}
     record = {
         "command": " ".join(["python", "benchmarks/tune_cost.py", *(sys.argv[1:] if argv is None else argv)]),
-        "commit": git_commit(),
+        "commit": commit,
         "machine": {
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
