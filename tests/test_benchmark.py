@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,6 +19,7 @@ from hf_distill.benchmark import (
     fingerprint,
     format_table,
     load_benchmark_config,
+    paired_bootstrap,
     run_stage,
     split_budget,
     total_train_steps,
@@ -67,6 +69,38 @@ def test_format_table():
         "| teacher | fine-tune | 85.91 | 100.0 | - | 22.7 | 90.9 | 9.9 | 301.2 | 1.00× | 1.00× | 125 | 120 |" in lines
     )
     assert "| tinybert | tinybert_stage1 → tinybert_stage2 | 84.40 | 98.2 | -0.50 |" in lines[3]
+
+
+def _reference_bootstrap(a, b, resamples, seed):
+    """The interval written out row by row, as in the textbook (slow)."""
+    rng = np.random.default_rng(seed)
+    n, diffs = a.shape[-1], []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, size=n)
+        diffs.append(100 * (np.mean(np.atleast_2d(a)[:, idx]) - np.mean(np.atleast_2d(b)[:, idx])))
+    return tuple(np.percentile(diffs, [2.5, 97.5]))
+
+
+def test_paired_bootstrap_matches_a_row_by_row_reference():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 50)) < 0.8, rng.random((2, 50)) < 0.7  # 3 seeds against 2, 50 dev rows
+    assert paired_bootstrap(a, b, resamples=500, seed=3) == pytest.approx(_reference_bootstrap(a, b, 500, 3))
+    assert paired_bootstrap(a[0], b[0], resamples=500, seed=3) == pytest.approx(
+        _reference_bootstrap(a[0], b[0], 500, 3)
+    )
+
+
+def test_paired_bootstrap_cases():
+    same = np.array([True, False] * 50)
+    assert paired_bootstrap(same, same) == (0.0, 0.0)  # the same predictions: no difference in any resample
+    better = np.ones(100, dtype=bool)
+    low, high = paired_bootstrap(better, same)
+    assert 35 < low < 50 < high < 65  # +50 points, and a 95% interval around it
+    # Pairing matters: two models wrong on the same 10 rows differ by 0 in every resample, whichever 10 those are.
+    a = np.arange(100) >= 10
+    assert paired_bootstrap(a, a.copy()) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="different rows: 100 vs 99"):
+        paired_bootstrap(better, better[:99])
 
 
 def test_run_stage_runs_once_then_reuses(tmp_path):
@@ -124,6 +158,12 @@ def test_shipped_benchmarks_load(path):
         ({"rows": {"teacher": ["x.yaml"]}}, "is taken"),
         ({"baseline_recipe": None}, "baseline_recipe is required"),
         ({"validation_file": None}, "train_file and validation_file go together"),
+        ({"labelled_only_rows": ["vanila_kd"]}, r"labelled_only_rows names \['vanila_kd'\], which are not student"),
+        ({"labelled_only_rows": "vanilla_kd"}, "labelled_only_rows must be a list of row names"),
+        ({"seed_rows": ["teacher"]}, r"seed_rows names \['teacher'\]"),
+        ({"student_seeds": [43, 44]}, r"student_seeds must start with seed=42"),
+        ({"student_seeds": [42, 42]}, "student_seeds must be a list of distinct integers"),
+        ({"student_seeds": 42}, "student_seeds must be a list of distinct integers"),
     ],
 )
 def test_bad_benchmark_config(override, message):
@@ -229,3 +269,31 @@ def test_benchmark_end_to_end_resume_and_reuse(tmp_path, tiny_tokenizer, monkeyp
     assert {s["status"] for s in again["stages"]} == {"reused"}
     assert _stage_mtimes(out) == mtimes
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in saved["rows"]]
+
+
+# ---------------------------------------------------------------------------------------------------- BENCHMARKS.md
+UNRECORDED = "<!-- unrecorded:"  # a table run before results were recorded as data; says when and why
+
+
+def test_benchmarks_md_tables_are_generated_from_the_committed_records():
+    """Every results table in BENCHMARKS.md is `format_table` of a committed record (python scripts/benchmark.py
+    --update-docs rewrites them), except the few marked as run before records existed."""
+    from hf_distill.benchmark import stale_results_blocks
+    from hf_distill.benchmark_report import BLOCK_RE
+
+    text = open(os.path.join(REPO, "BENCHMARKS.md"), encoding="utf-8").read()
+    assert stale_results_blocks(text, REPO) == [], "run: python scripts/benchmark.py --update-docs"
+    blocks = [m.span() for m in BLOCK_RE.finditer(text)]
+    assert blocks, "BENCHMARKS.md has no <!-- results: ... --> block"
+    for match in BLOCK_RE.finditer(text):
+        record = json.load(open(os.path.join(REPO, match["path"]), encoding="utf-8"))
+        assert record["commit"] and record["command"].startswith("python scripts/benchmark.py")
+    offset, outside = 0, []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("| model | recipe stages |") and not any(a <= offset < b for a, b in blocks):
+            outside.append(offset)
+        offset += len(line)
+    for position in outside:
+        before = text[:position].rstrip().splitlines()[-1]
+        assert before.startswith(UNRECORDED), f"a results table outside a results block: {text[position:][:80]!r}"
+    assert len(outside) <= 1  # the MPNet run of 2026-11-24, until the flagship run replaces it
