@@ -91,8 +91,9 @@ def main(argv=None):
 
     from hf_distill import ModelArguments, load_teacher
     from hf_distill.config import display_path
+    from hf_distill.files import write_text_atomic
     from hf_distill.tune import tune_distillation
-    from hf_distill.tune_recipe import parse_tune_args, write_text_atomic
+    from hf_distill.tune_recipe import parse_tune_args
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import tempfile
 import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,6 +34,7 @@ from .config import (
     recipe_root,
     resolve_recipe_paths,
 )
+from .files import write_text_atomic
 from .tune import TuneResult
 from .tune_config import TuneConfig
 
@@ -175,21 +175,6 @@ def _header(result: TuneResult, recipe_path: str | None, target_root: Path, comm
 
 
 # ---------------------------------------------------------------------- writing
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_tuning_outputs(result: TuneResult, args: TuneArgs, argv: list[str]) -> tuple[str, str]:
     """Write `<tune_dir>/trials.json` and the tuned recipe (`tune.tuned_recipe` or `<tune_dir>/tuned.yaml`).
 
