@@ -87,7 +87,12 @@ class DistillationConfig(TrainingArguments):
             `"1->0,3->1,5->2"`.
         teacher_dtype (`str`, *optional*):
             dtype the teacher runs in: `float32`, `bfloat16`, `float16` or `auto` (the checkpoint's). `None` keeps it
-            as loaded.
+            as loaded; the student and its losses keep their own. On a CPU with native bfloat16 (`lscpu`:
+            `avx512_bf16` / `amx_bf16`), `bfloat16` halved a MiniLM-L6 teacher's forward time (2.0x) with the same
+            predicted class on 512 of 512 SST-2 rows, the student's KD terms within 0.3% and its gradient at cosine
+            >= 0.99999 to float32's; a logits + hidden + attention step took 0.80x the time
+            (`benchmarks/results/bench_teacher.json`, `bench_speed.json`). Not measured on CPUs without it, where
+            bfloat16 is emulated: check with `scripts/bench_teacher.py`. (`inference_mode` vs `no_grad`: 1.00x.)
         use_teacher_cache (`bool`, defaults to `False`):
             Run the teacher over `train_dataset` once, store its outputs on disk (Arrow, see `hf_distill.cache`) and
             train from them without any teacher forward pass. The cache is keyed by the teacher's weights and
@@ -133,7 +138,10 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_dtype: str | None = field(
         default=None,
-        metadata={"help": f"dtype the teacher runs in, one of {TEACHER_DTYPES}; None keeps it as loaded."},
+        metadata={
+            "help": f"dtype the teacher runs in, one of {TEACHER_DTYPES}; None keeps it as loaded. 'bfloat16' ran a "
+            "MiniLM teacher 2x faster on a CPU with avx512_bf16 at unchanged KD terms (see the class docstring)."
+        },
     )
     use_teacher_cache: bool = field(
         default=False,
