@@ -68,6 +68,7 @@ from hf_distill import (
     tokenize_dataset,
 )
 from hf_distill.config import display_path
+from hf_distill.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # the shared data and tools sit next to the checkout (../shared/README.md)
@@ -283,14 +284,9 @@ def uncommitted_paths() -> list[str]:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write `payload` to a temp file next to `path`, then rename it over `path` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write `payload` as JSON to `path` whole or not at all (temp file, then rename). The JSON is made first, so a
+    payload that cannot be serialised leaves the old file untouched."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def verdicts(step: dict[str, float], rounds: dict[str, list[float]] | None = None) -> tuple[list[dict], dict]:
