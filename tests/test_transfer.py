@@ -353,6 +353,13 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "sst2_minilm_l3.yaml"
 
 
+def bench_config(overrides: dict | None = None) -> BenchmarkConfig:
+    """The default benchmark without its transfer set, plus `overrides` (the tests add the transfer set they study)."""
+    return load_benchmark_config(
+        BENCH, {"unlabelled_from_train": False, "max_unlabelled_samples": None, **(overrides or {})}
+    )
+
+
 def captured_specs(monkeypatch, config: BenchmarkConfig) -> dict[str, dict]:
     """The spec of every row's stages, captured from `run_stage` (nothing is trained or loaded)."""
     specs = {}
@@ -376,9 +383,9 @@ def captured_specs(monkeypatch, config: BenchmarkConfig) -> dict[str, dict]:
 
 
 def test_benchmark_transfer_fields_are_in_the_distilled_stages_fingerprints(monkeypatch):
-    plain = load_benchmark_config(BENCH)
-    transfer = load_benchmark_config(BENCH, {"unlabelled_from_train": True, "max_unlabelled_samples": 20000})
-    fewer = load_benchmark_config(BENCH, {"unlabelled_from_train": True, "max_unlabelled_samples": 10000})
+    plain = bench_config()
+    transfer = bench_config({"unlabelled_from_train": True, "max_unlabelled_samples": 20000})
+    fewer = bench_config({"unlabelled_from_train": True, "max_unlabelled_samples": 10000})
     specs = {name: captured_specs(monkeypatch, c) for name, c in (("plain", plain), ("t", transfer), ("f", fewer))}
     kd_stage, baseline_stage = "vanilla_kd/1-vanilla_kd", "no_kd/1-no_kd"
     # No transfer set: the specs are what they were before these fields existed (finished stages stay reusable).
@@ -398,7 +405,7 @@ def test_benchmark_transfer_fields_are_in_the_distilled_stages_fingerprints(monk
     assert specs["t"][kd_stage].get("steps") is None  # 750 = its own epoch: the spec is what it was
     # With match_steps off, each row trains one epoch over its own rows: the no-KD stage is shared by all three.
     own = {
-        name: captured_specs(monkeypatch, load_benchmark_config(BENCH, {**overrides, "match_steps": False}))
+        name: captured_specs(monkeypatch, bench_config({**overrides, "match_steps": False}))
         for name, overrides in (("plain", {}), ("t", {"unlabelled_from_train": True, "max_unlabelled_samples": 20000}))
     }
     assert fingerprint(own["t"][baseline_stage]) == fingerprint(own["plain"][baseline_stage])
@@ -417,26 +424,26 @@ def test_benchmark_transfer_fields_are_in_the_distilled_stages_fingerprints(monk
 )
 def test_benchmark_transfer_fields_are_validated(overrides, match):
     with pytest.raises(ValueError, match=match):
-        load_benchmark_config(BENCH, overrides)
+        bench_config(overrides)
 
 
 def test_benchmark_transfer_paths_and_data_args(tmp_path):
     extra = tmp_path / "extra.txt"
-    config = load_benchmark_config(BENCH, {"unlabelled_file": str(extra), "max_unlabelled_samples": 5})
+    config = bench_config({"unlabelled_file": str(extra), "max_unlabelled_samples": 5})
     assert config.unlabelled_file == str(extra)
-    data = benchmark.Benchmark(load_benchmark_config(BENCH, {"unlabelled_from_train": True}), REPO)
+    data = benchmark.Benchmark(bench_config({"unlabelled_from_train": True}), REPO)
     if Path(data._path(data.config.train_file)).is_file():  # the shared SST-2 files (else the Hub is tried)
         args = data.data_args
-        assert args.unlabelled_from_train and args.max_train_samples == 4000 and args.unlabelled_source
+        assert args.unlabelled_from_train and args.max_train_samples == 2000 and args.unlabelled_source
 
 
 def test_benchmark_refuses_a_distilled_row_without_a_teacher_term_when_a_transfer_set_is_set():
     baseline = "recipes/minilm-sst2_to_minilm-l3/no_kd.yaml"
-    config = load_benchmark_config(BENCH, {"unlabelled_from_train": True, "rows": {"task_only": [baseline]}})
+    config = bench_config({"unlabelled_from_train": True, "rows": {"task_only": [baseline]}})
     with pytest.raises(ValueError, match=r"row 'task_only', recipe .*no_kd.yaml: unlabelled_from_train=True adds"):
         benchmark.check_transfer_recipes(config, lambda p: REPO / p)
-    benchmark.check_transfer_recipes(load_benchmark_config(BENCH), lambda p: REPO / p)  # no transfer set: fine
-    benchmark.check_transfer_recipes(load_benchmark_config(BENCH, {"unlabelled_from_train": True}), lambda p: REPO / p)
+    benchmark.check_transfer_recipes(bench_config(), lambda p: REPO / p)  # no transfer set: fine
+    benchmark.check_transfer_recipes(bench_config({"unlabelled_from_train": True}), lambda p: REPO / p)
 
 
 def test_results_table_and_markdown_state_each_rows_training_rows():
