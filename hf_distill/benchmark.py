@@ -40,6 +40,8 @@ the student and the data itself).
 Noise. One dev point is a handful of sentences, so every student row's points over no-KD come with a 95% paired
 bootstrap interval over the dev rows (`paired_bootstrap`), and `student_seeds` trains rows under several seeds (data
 order, dropout): the table then shows the mean and the standard deviation over seeds, and the interval pools them.
+Each result row keeps `dev_correct` (per training seed, a string of 1/0: dev row i right or wrong), so records of
+separate runs of the same benchmark can be combined and their intervals recomputed.
 
 Honesty. Nothing is chosen by dev score: no evaluation during training, no best-checkpoint selection; the final model
 of each run is evaluated once. Seeds are fixed (data subset, head initialisation, data order, dropout), so a rerun in a
@@ -440,6 +442,13 @@ class Benchmark(BenchmarkInputs):
             results_rows.append(row)
         add_relative_metrics(results_rows, baseline=c.baseline_name)
         self.add_intervals(results_rows, extra_seeds)
+        for row in results_rows:  # per dev row, right (1) or wrong (0), per training seed: records can be combined
+            eval_names = {c.seed: row["name"]} | {
+                s: f"{row['name']}-seed{s}" for s in extra_seeds.get(row["name"], [])
+            }
+            correct = {str(s): self.correct(eval_name) for s, eval_name in eval_names.items()}
+            if all(v is not None for v in correct.values()):
+                row["dev_correct"] = {s: "".join("1" if ok else "0" for ok in v) for s, v in correct.items()}
 
         results = {
             "benchmark": c.name,

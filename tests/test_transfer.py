@@ -528,6 +528,10 @@ def test_benchmark_with_a_transfer_set_end_to_end(tmp_path, tiny_tokenizer):
     assert rows["vanilla_kd"]["delta_ci95"] == list(benchmark.paired_bootstrap(pooled, base, seed=42))
     assert rows["kd_labelled"]["delta_ci95"] == list(benchmark.paired_bootstrap(correct("kd_labelled"), base, seed=42))
     assert rows["vanilla_kd"]["delta_vs_baseline_pts"] == pytest.approx(100 * (pooled.mean() - base.mean()))
+    # Each row carries its per-dev-row correctness per seed, from which the interval can be recomputed.
+    bits = rows["vanilla_kd"]["dev_correct"]
+    assert set(bits) == {"42", "7"} and bits["7"] == "".join("1" if ok else "0" for ok in correct("vanilla_kd-seed7"))
+    assert set(rows["kd_labelled"]["dev_correct"]) == {"42"} and len(rows["teacher"]["dev_correct"]["42"]) == 32
     md = (out / "results.md").read_text()
     assert "the distilled rows train on 64 labelled + 64 unlabelled rows" in md and "no_kd, kd_labelled" in md
     assert "every student row 4 optimizer steps" in md and "| 64 + 64 |" in md and md.count("| 64 + 0 |") == 3
