@@ -547,6 +547,36 @@ def test_benchmark_with_a_transfer_set_end_to_end(tmp_path, tiny_tokenizer):
     assert benchmark.format_table(record["rows"]) in fresh and fresh.startswith("text\n") and fresh.endswith("more\n")
 
 
+@pytest.mark.slow
+def test_a_benchmark_run_under_another_student_seed_only(tmp_path, tiny_tokenizer):
+    """`student_seeds: [7]` trains the student rows under seed 7 alone, from the teacher, data subset and student of
+    seed 42: the run of one seed of a benchmark on one machine, its record combinable with the others'."""
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config(num_layers=4, hidden=32))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+
+    def run(out, seeds):
+        config = BenchmarkConfig(
+            name="tiny_seed", output_dir=str(out), teacher_model_name_or_path=str(tmp_path / "teacher"),
+            teacher_learning_rate=1e-3, train_file=str(SST2 / "train.tsv"), validation_file=str(SST2 / "dev.tsv"),
+            max_length=32, max_train_samples=64, max_eval_samples=32, student_num_layers=2, logging_steps=1,
+            save_steps=50, baseline_recipe=str(RECIPES / "no_kd.yaml"),
+            rows={"vanilla_kd": [str(RECIPES / "vanilla_kd.yaml")]}, student_seeds=seeds,
+        )  # fmt: skip
+        return {r["name"]: r for r in benchmark.run_benchmark(config, root=REPO)["rows"]}
+
+    only_7, both = run(tmp_path / "only_7", [7]), run(tmp_path / "both", [42, 7])
+    assert (tmp_path / "only_7" / "rows" / "vanilla_kd" / "seed7" / "1-vanilla_kd").is_dir()
+    assert not (tmp_path / "only_7" / "rows" / "vanilla_kd" / "1-vanilla_kd").exists()
+    assert only_7["vanilla_kd"]["seeds"] == [7] and set(only_7["vanilla_kd"]["dev_correct"]) == {"7"}
+    # The same teacher and student init, and seed 7's training is the one the two-seed run made.
+    assert only_7["teacher"]["dev_correct"] == both["teacher"]["dev_correct"]
+    for name in ("no_kd", "vanilla_kd"):
+        assert only_7[name]["dev_correct"]["7"] == both[name]["dev_correct"]["7"]
+        assert only_7[name]["accuracy"] == pytest.approx(both[name]["accuracy_per_seed"][7])
+
+
 def test_renumbering_to_the_teachers_label_order_keeps_unlabelled_rows_unlabelled(sst_like, tiny_tokenizer):
     """A teacher whose id2label is in another order re-numbers the data's classes; the -1 placeholder of unlabelled
     rows is no class and must not become one (it used to index the last class: new_ids[-1])."""
