@@ -410,6 +410,8 @@ class Benchmark(BenchmarkInputs):
         for name, latencies in latency["latencies"].items():
             evaluations[name].update(latencies)
 
+        # Training seeds per row, the evaluated-and-timed one first; the teacher trains under `seed` alone.
+        seeds_of = {"teacher": [c.seed]} | {name: [main_seed, *extra_seeds.get(name, [])] for name in rows}
         teacher_info = next((s.info for s in self.stages if s.path == str(self.out / "teacher")), {})
         results_rows = [
             {
@@ -422,7 +424,7 @@ class Benchmark(BenchmarkInputs):
             }
         ]
         for name, (_, _, stage_infos) in trained.items():
-            seeds = [main_seed, *extra_seeds.get(name, [])]
+            seeds = seeds_of[name]
             per_seed = [evaluations[name]["accuracy"]] + [seed_evaluations[name, s]["accuracy"] for s in seeds[1:]]
             row = {
                 "name": name,
@@ -441,13 +443,13 @@ class Benchmark(BenchmarkInputs):
                 row["accuracy_per_seed"] = dict(zip(seeds, per_seed))
             results_rows.append(row)
         add_relative_metrics(results_rows, baseline=c.baseline_name)
-        self.add_intervals(results_rows, extra_seeds)
+        correct = {name: self.correct_by_seed(name, seeds) for name, seeds in seeds_of.items()}
+        self.add_intervals(results_rows, correct)
         for row in results_rows:  # per dev row, right (1) or wrong (0), per training seed: records can be combined
-            first = c.seed if row["name"] == "teacher" else main_seed  # the teacher trains under `seed` alone
-            eval_names = {first: row["name"]} | {s: f"{row['name']}-seed{s}" for s in extra_seeds.get(row["name"], [])}
-            correct = {str(s): self.correct(eval_name) for s, eval_name in eval_names.items()}
-            if all(v is not None for v in correct.values()):
-                row["dev_correct"] = {s: "".join("1" if ok else "0" for ok in v) for s, v in correct.items()}
+            if correct[row["name"]] is not None:
+                row["dev_correct"] = {
+                    str(s): "".join("1" if ok else "0" for ok in v) for s, v in correct[row["name"]].items()
+                }
 
         results = {
             "benchmark": c.name,
@@ -485,22 +487,24 @@ class Benchmark(BenchmarkInputs):
         stored = json.loads(path.read_text(encoding="utf-8"))
         return np.asarray(stored["predictions"]) == np.asarray(stored["labels"])
 
-    def add_intervals(self, rows: list[dict[str, Any]], extra_seeds: dict[str, list[int]]) -> None:
+    def correct_by_seed(self, name: str, seeds: list[int]) -> dict[int, np.ndarray] | None:
+        """`correct` of a row's model under each training seed: the first seed's evaluation is named `name`, the
+        others `<name>-seed<s>`; None when any of them predates stored predictions."""
+        runs = {s: self.correct(name if k == 0 else f"{name}-seed{s}") for k, s in enumerate(seeds)}
+        return None if any(v is None for v in runs.values()) else runs
+
+    def add_intervals(self, rows: list[dict[str, Any]], correct: dict[str, dict[int, np.ndarray] | None]) -> None:
         """`delta_ci95` of every student row: the paired bootstrap interval of its points over the baseline, over the
-        dev rows, pooling the training seeds of both (`paired_bootstrap`)."""
+        dev rows, pooling the training seeds of both (`paired_bootstrap`). `correct`: row name -> `correct_by_seed`."""
         c = self.config
-
-        def correct_by_seed(name: str) -> np.ndarray | None:
-            runs = [self.correct(name)] + [self.correct(f"{name}-seed{s}") for s in extra_seeds.get(name, [])]
-            return None if any(r is None for r in runs) else np.stack(runs)
-
-        base = correct_by_seed(c.baseline_name)
+        base = correct[c.baseline_name]
         for row in rows:
-            if row["name"] in ("teacher", c.baseline_name) or base is None:
+            mine = correct[row["name"]]
+            if row["name"] in ("teacher", c.baseline_name) or base is None or mine is None:
                 continue
-            mine = correct_by_seed(row["name"])
-            if mine is not None:
-                row["delta_ci95"] = list(paired_bootstrap(mine, base, seed=c.seed))
+            row["delta_ci95"] = list(
+                paired_bootstrap(np.stack(list(mine.values())), np.stack(list(base.values())), seed=c.seed)
+            )
 
 
 def _rows_of(counts: dict[str, int]) -> dict[str, int | None]:

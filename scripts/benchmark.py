@@ -25,6 +25,7 @@ import transformers
 import yaml
 
 from hf_distill.benchmark import load_benchmark_config, run_benchmark, update_results_blocks
+from hf_distill.files import write_text_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "benchmarks", "sst2_minilm_l3.yaml")
@@ -110,9 +111,7 @@ def update_docs(path: str) -> dict:
         old = f.read()
     new = update_results_blocks(old, REPO)
     if new != old:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(new)
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, new)
     print(f"{os.path.relpath(path, REPO)}: {'updated' if new != old else 'already up to date'}")
     return {"updated": new != old}
 
