@@ -435,9 +435,7 @@ def _save(augmented: Dataset, path: str, fingerprint: str, settings: dict, sourc
             "source_rows": source_rows,
             "rows": len(augmented),
         }
-        with open(os.path.join(tmp, METADATA_NAME), "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-        rename_into_place(tmp, path, METADATA_NAME)
+        rename_into_place(tmp, path, METADATA_NAME, metadata)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

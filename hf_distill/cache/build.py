@@ -165,9 +165,7 @@ def build_teacher_cache(
             "build_seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        with open(os.path.join(tmp, METADATA_NAME), "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-        rename_into_place(tmp, path, METADATA_NAME)
+        rename_into_place(tmp, path, METADATA_NAME, metadata)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -177,12 +175,15 @@ def build_teacher_cache(
     return cache
 
 
-def rename_into_place(tmp: str, path: str, marker: str) -> None:
-    """Rename the finished directory `tmp` to the content-addressed `path`, made readable to other users.
+def rename_into_place(tmp: str, path: str, marker: str, metadata: dict) -> None:
+    """Write `metadata` as the JSON file `marker` into the finished directory `tmp`, then rename `tmp` to the
+    content-addressed `path`, made readable to other users.
 
     If another process finished the same entry first (`path` holds its `marker` file), theirs is kept and `tmp` is
     removed: the contents are identical, since the directory name is their fingerprint.
     """
+    with open(os.path.join(tmp, marker), "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache_dir must stay readable by other users
     try:
         os.rename(tmp, path)
