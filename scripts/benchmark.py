@@ -5,6 +5,7 @@
     python scripts/benchmark.py --config benchmarks/sst2_mpnet_l6.yaml  # the full run, ~2 h on 2 CPU cores
     python scripts/benchmark.py --set max_train_samples=500 --output_dir outputs/benchmarks/quick
     python scripts/benchmark.py --update-docs   # regenerate BENCHMARKS.md's tables from benchmarks/results/*.json
+    python scripts/benchmark.py --combine A.json B.json --into C.json   # one record from runs of one seed each
 
 It fine-tunes the teacher (or takes a fine-tuned one), builds the student from alternating teacher layers, distils it
 with each recipe, fine-tunes it without KD, evaluates everything on the dev split and writes results.json, results.md
@@ -24,7 +25,9 @@ import time
 import transformers
 import yaml
 
-from hf_distill.benchmark import load_benchmark_config, run_benchmark, update_results_blocks
+from hf_distill.benchmark import format_table, load_benchmark_config, run_benchmark, update_results_blocks
+from hf_distill.benchmark_combine import combine_records, load_record
+from hf_distill.benchmark_report import write_json_atomic
 from hf_distill.files import write_text_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +43,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="Regenerate the results tables of BENCHMARKS.md from benchmarks/results/*.json, run nothing.",
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="RECORD",
+        help="Combine records of one benchmark run under different student_seeds (one seed per session) into the "
+        "record of all their seeds (--into), run nothing. See hf_distill.benchmark_combine.",
+    )
+    parser.add_argument("--into", metavar="RECORD", help="Where --combine writes the combined record.")
     parser.add_argument(
         "--set",
         action="append",
@@ -66,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.update_docs:
         return update_docs(os.path.join(REPO, "BENCHMARKS.md"))
+    if args.combine:
+        return combine(args.combine, args.into)
     overrides = parse_overrides(args.set)
     changed = bool(overrides)
     if args.output_dir:
@@ -103,6 +116,21 @@ def main(argv: list[str] | None = None) -> dict:
     for name, path in results["plots"].items():
         print(f"plot {name}: {path}")
     return results
+
+
+def combine(paths: list[str], into: str | None) -> dict:
+    """Write the record combining the records `paths` (`hf_distill.benchmark_combine`) to `into`, atomically."""
+    if not into:
+        raise SystemExit("--combine needs --into PATH, the combined record to write.")
+    names = [os.path.relpath(os.path.abspath(p), REPO) for p in paths]
+    try:
+        record = combine_records([load_record(p) for p in paths], names=names)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"--combine: {error}") from None
+    write_json_atomic(into, record)
+    print(format_table(record["rows"]))
+    print(f"record: {into} (seeds {record['budget']['student_seeds']}, from {len(paths)} records)")
+    return record
 
 
 def update_docs(path: str) -> dict:

@@ -17,6 +17,7 @@ from transformers import BertForSequenceClassification, DataCollatorWithPadding
 
 from hf_distill import DistillationConfig, DistillationTrainer, benchmark, make_student
 from hf_distill.benchmark import BenchmarkConfig, StageResult, fingerprint, format_table, load_benchmark_config
+from hf_distill.benchmark_combine import combine_records, load_record
 from hf_distill.config import DataArguments
 from hf_distill.data import (
     UNLABELLED_COLUMN,
@@ -563,6 +564,7 @@ def test_a_benchmark_run_under_another_student_seed_only(tmp_path, tiny_tokenize
             max_length=32, max_train_samples=64, max_eval_samples=32, student_num_layers=2, logging_steps=1,
             save_steps=50, baseline_recipe=str(RECIPES / "no_kd.yaml"),
             rows={"vanilla_kd": [str(RECIPES / "vanilla_kd.yaml")]}, student_seeds=seeds,
+            results_file=str(out / "record.json"),
         )  # fmt: skip
         return {r["name"]: r for r in benchmark.run_benchmark(config, root=REPO)["rows"]}
 
@@ -575,6 +577,16 @@ def test_a_benchmark_run_under_another_student_seed_only(tmp_path, tiny_tokenize
     for name in ("no_kd", "vanilla_kd"):
         assert only_7[name]["dev_correct"]["7"] == both[name]["dev_correct"]["7"]
         assert only_7[name]["accuracy"] == pytest.approx(both[name]["accuracy_per_seed"][7])
+    # Combining the records of a seed-42-only and a seed-7-only run gives what the two-seed run reports.
+    run(tmp_path / "only_42", [42])
+    parts = [load_record(tmp_path / d / "record.json") for d in ("only_42", "only_7")]
+    combined = {r["name"]: r for r in combine_records(parts)["rows"]}
+    reference = {r["name"]: r for r in load_record(tmp_path / "both" / "record.json")["rows"]}
+    for name in ("no_kd", "vanilla_kd"):
+        for key in ("seeds", "dev_correct", "accuracy_per_seed", "delta_ci95"):
+            assert combined[name].get(key) == reference[name].get(key), (name, key)
+        for key in ("accuracy", "accuracy_std", "accuracy_kept_pct", "delta_vs_baseline_pts"):
+            assert combined[name][key] == pytest.approx(reference[name][key]), (name, key)
 
 
 def test_renumbering_to_the_teachers_label_order_keeps_unlabelled_rows_unlabelled(sst_like, tiny_tokenizer):

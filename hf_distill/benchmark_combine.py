@@ -1,0 +1,152 @@
+"""Combine the records of one benchmark run a training seed at a time (one seed per session, say) into the record a
+single run over all those seeds would have written.
+
+    python scripts/benchmark.py --combine benchmarks/results/sst2_mpnet_l6_seed42.json \\
+        benchmarks/results/sst2_mpnet_l6_seed43.json benchmarks/results/sst2_mpnet_l6_seed44.json \\
+        --into benchmarks/results/sst2_mpnet_l6.json
+
+A part is a record of the same benchmark under `student_seeds` of its own (`--set "student_seeds=[43]"`): the
+teacher, the data subset and the student's initialisation come from `seed` in every part, so the parts differ only in
+the students' training seeds. `combine_records` refuses parts that differ in anything else (configuration, budget,
+rows, dev rows, the teacher's dev predictions) or that share a seed, and then recomputes what depends on all the
+seeds from each part's per-dev-row correctness (`dev_correct`): each row's mean accuracy and its standard deviation
+over the seeds, the points over the baseline, and the paired bootstrap interval pooled over the seeds. Size,
+latency and training time are the first part's (its first seed's models are the ones timed, as in one run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .benchmark_report import RECORD_FORMAT, add_relative_metrics, paired_bootstrap
+
+# Fields that may differ between the parts of one benchmark: the seeds each part trained and where it was written.
+PER_PART_CONFIG = ("student_seeds", "results_file")
+
+
+def load_record(path: str | Path) -> dict[str, Any]:
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    if record.get("format") != RECORD_FORMAT:
+        raise ValueError(f"{path}: record format {record.get('format')!r}, this code reads format {RECORD_FORMAT}.")
+    return record
+
+
+def _bits(row: dict[str, Any], where: str) -> dict[str, np.ndarray]:
+    if not row.get("dev_correct"):
+        raise ValueError(
+            f"{where}: row {row['name']!r} has no dev_correct (per-dev-row correctness), so its seeds cannot be "
+            "pooled; rerun that part with the current code."
+        )
+    return {s: np.frombuffer(b.encode(), dtype=np.uint8) == ord("1") for s, b in row["dev_correct"].items()}
+
+
+def combine_records(records: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+    """One record from `records`, parts of the same benchmark under disjoint student seeds (see the module doc).
+
+    `names` label the parts in errors and in the combined record's `parts` (default: part 0, part 1, ...).
+    """
+    if len(records) < 2:
+        raise ValueError(f"combine needs at least two records, got {len(records)}.")
+    names = names or [f"part {i}" for i in range(len(records))]
+    first, first_name = records[0], names[0]
+
+    def config_of(record):
+        return {k: v for k, v in record["config"].items() if k not in PER_PART_CONFIG}
+
+    def budget_of(record):
+        return {k: v for k, v in record["budget"].items() if k != "student_seeds"}
+
+    for record, name in zip(records[1:], names[1:]):
+        if record["benchmark"] != first["benchmark"]:
+            raise ValueError(f"{name} is benchmark {record['benchmark']!r}, {first_name} is {first['benchmark']!r}.")
+        for what, get in (("config", config_of), ("budget", budget_of)):
+            a, b = get(first), get(record)
+            differing = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            if differing:
+                changes = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differing)
+                raise ValueError(
+                    f"{name} ran another {what} than {first_name} ({changes}): only student_seeds may differ "
+                    "between the parts of one benchmark."
+                )
+        if [r["name"] for r in record["rows"]] != [r["name"] for r in first["rows"]]:
+            raise ValueError(
+                f"{name} has rows {[r['name'] for r in record['rows']]}, {first_name} has "
+                f"{[r['name'] for r in first['rows']]}."
+            )
+        teacher, mine = _bits(first["rows"][0], first_name), _bits(record["rows"][0], name)
+        (t,), (m,) = teacher.values(), mine.values()
+        if t.shape != m.shape or (t != m).any():
+            n = "a different number of" if t.shape != m.shape else f"{int((t != m).sum())} of the"
+            raise ValueError(
+                f"the teacher of {name} differs from the teacher of {first_name}: its dev predictions differ on {n} "
+                "dev rows. The parts must share one teacher (same seed, data, code and threads), or their students "
+                "are not seeds of one experiment."
+            )
+
+    rows = []
+    baseline = first["config"]["baseline_name"]
+    for k, row in enumerate(first["rows"]):
+        parts = [record["rows"][k] for record in records]
+        combined = dict(row)
+        if row["name"] != "teacher":
+            seeds, bits, accuracy = [], {}, {}
+            for part, name in zip(parts, names):
+                part_bits = _bits(part, name)
+                overlap = set(part_bits) & set(bits)
+                if overlap:
+                    raise ValueError(
+                        f"row {row['name']!r}: seed(s) {sorted(overlap)} of {name} are in an earlier part too; each "
+                        "part must train other student_seeds."
+                    )
+                per_seed = part.get("accuracy_per_seed") or {str(part["seeds"][0]): part["accuracy"]}
+                seeds += part["seeds"]
+                bits.update(part_bits)
+                accuracy.update({str(s): float(v) for s, v in per_seed.items()})
+            values = [accuracy[str(s)] for s in seeds]  # two parts or more: two seeds or more
+            combined.update(
+                seeds=seeds,
+                accuracy=float(np.mean(values)),
+                accuracy_std=float(np.std(values, ddof=1)),
+                accuracy_per_seed={str(s): accuracy[str(s)] for s in seeds},
+                dev_correct={str(s): "".join("1" if ok else "0" for ok in bits[str(s)]) for s in seeds},
+            )
+        rows.append(combined)
+    add_relative_metrics(rows, baseline=baseline)
+    base = next(r for r in rows if r["name"] == baseline)
+    base_bits = np.stack([_bits(base, "combined")[str(s)] for s in base["seeds"]])
+    for row in rows:
+        row.pop("delta_ci95", None)
+        if row["name"] in ("teacher", baseline):
+            continue
+        mine = np.stack([_bits(row, "combined")[str(s)] for s in row["seeds"]])
+        row["delta_ci95"] = list(paired_bootstrap(mine, base_bits, seed=first["config"]["seed"]))
+
+    seeds = list(dict.fromkeys(s for record in records for s in record["budget"]["student_seeds"]))
+    parts = [
+        {
+            "record": name,
+            "student_seeds": record["budget"]["student_seeds"],
+            **{k: record.get(k) for k in ("command", "commit", "dirty", "date", "invocation_seconds", "machine")},
+            "stage_seconds": record.get("stage_seconds"),
+        }
+        for record, name in zip(records, names)
+    ]
+    return {
+        "format": RECORD_FORMAT,
+        "benchmark": first["benchmark"],
+        "command": " && ".join(p["command"] for p in parts if p["command"]),
+        "commit": first.get("commit"),
+        "dirty": any(p["dirty"] for p in parts),
+        "date": max(p["date"] for p in parts if p["date"]),
+        "invocation_seconds": sum(p["invocation_seconds"] or 0 for p in parts),
+        "machine": first.get("machine"),
+        "budget": {**first["budget"], "student_seeds": seeds},
+        "config": {**first["config"], "student_seeds": seeds, "results_file": None},
+        "rows": rows,
+        "parts": parts,
+        "stage_seconds": first.get("stage_seconds"),
+    }

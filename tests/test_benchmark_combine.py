@@ -1,0 +1,114 @@
+"""Combining per-seed benchmark records (`hf_distill.benchmark_combine`) into the record of all their seeds."""
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hf_distill.benchmark_combine import combine_records, load_record
+from hf_distill.benchmark_report import RECORD_FORMAT, format_table, paired_bootstrap
+
+REPO = Path(__file__).resolve().parent.parent
+N = 40  # dev rows
+
+
+def bits(seed: int, p: float) -> str:
+    rng = np.random.default_rng(seed)
+    return "".join("1" if ok else "0" for ok in rng.random(N) < p)
+
+
+def row(name: str, seed: int, p: float, latency: float) -> dict:
+    b = bits(1000 * seed + len(name), p)
+    return {
+        "name": name, "recipes": [name], "accuracy": b.count("1") / N, "params": 10, "size_mb": 1.0,
+        "latency_b1_ms": latency, "latency_b32_ms": 10 * latency, "train_steps": 4, "train_seconds": 1.0,
+        "seeds": [seed], "dev_correct": {str(seed): b},
+    }  # fmt: skip
+
+
+def record(seed: int) -> dict:
+    teacher = row("teacher", 42, 0.9, 2.0)  # one teacher in every part
+    teacher["seeds"] = None
+    rows = [teacher, row("no_kd", seed, 0.7, 1.0), row("kd", seed, 0.8, 1.0)]
+    return {
+        "format": RECORD_FORMAT, "benchmark": "tiny", "command": f"python scripts/benchmark.py --seed {seed}",
+        "commit": "abc", "dirty": False, "date": f"2026-12-0{seed % 9}T00:00:00Z", "invocation_seconds": 10.0,
+        "machine": {"cpu_count": 2}, "budget": {"train_rows": 64, "student_seeds": [seed]},
+        "config": {"seed": 42, "baseline_name": "no_kd", "student_seeds": [seed], "results_file": f"r{seed}.json",
+                   "max_train_samples": 64},
+        "rows": rows, "stage_seconds": {"teacher": 1.0},
+    }  # fmt: skip
+
+
+def test_combined_record_pools_the_seeds_of_its_parts():
+    parts = [record(42), record(43), record(44)]
+    combined = combine_records(parts, names=["a.json", "b.json", "c.json"])
+    rows = {r["name"]: r for r in combined["rows"]}
+    assert combined["budget"]["student_seeds"] == [42, 43, 44] == combined["config"]["student_seeds"]
+    assert [p["record"] for p in combined["parts"]] == ["a.json", "b.json", "c.json"]
+    assert rows["teacher"]["dev_correct"] == parts[0]["rows"][0]["dev_correct"]
+    for name, k in (("no_kd", 1), ("kd", 2)):
+        per_seed = [p["rows"][k]["accuracy"] for p in parts]
+        assert rows[name]["seeds"] == [42, 43, 44]
+        assert rows[name]["accuracy"] == pytest.approx(np.mean(per_seed))
+        assert rows[name]["accuracy_std"] == pytest.approx(np.std(per_seed, ddof=1))
+        assert rows[name]["accuracy_per_seed"] == {str(s): a for s, a in zip([42, 43, 44], per_seed)}
+        assert rows[name]["dev_correct"] == {str(s): p["rows"][k]["dev_correct"][str(s)] for s, p in zip([42, 43, 44], parts)}
+
+    def stacked(k):
+        return np.stack([np.array([c == "1" for c in p["rows"][k]["dev_correct"][str(s)]]) for s, p in zip([42, 43, 44], parts)])
+
+    assert rows["kd"]["delta_ci95"] == list(paired_bootstrap(stacked(2), stacked(1), seed=42))
+    assert "delta_ci95" not in rows["no_kd"] and "delta_ci95" not in rows["teacher"]
+    assert rows["kd"]["delta_vs_baseline_pts"] == pytest.approx(100 * (stacked(2).mean() - stacked(1).mean()))
+    assert rows["kd"]["accuracy_kept_pct"] == pytest.approx(100 * rows["kd"]["accuracy"] / rows["teacher"]["accuracy"])
+    assert "± std (seeds)" in format_table(combined["rows"]) and "| 3) |" not in format_table(combined["rows"])
+    assert combined["command"].count("python scripts/benchmark.py") == 3
+    assert parts[0]["rows"][1]["seeds"] == [42]  # the parts are left as they were
+
+
+def changed(edit):
+    parts = [record(42), record(43)]
+    edit(parts[1])
+    return parts
+
+
+@pytest.mark.parametrize(
+    "parts, match",
+    [
+        ([record(42)], "at least two records"),
+        (changed(lambda r: r.update(benchmark="other")), "is benchmark 'other'"),
+        (changed(lambda r: r["config"].update(max_train_samples=128)), r"another config .*max_train_samples: 64 -> 128"),
+        (changed(lambda r: r["budget"].update(train_rows=128)), r"another budget .*train_rows"),
+        (changed(lambda r: r["rows"].pop()), "has rows"),
+        (changed(lambda r: r["rows"][0].update(dev_correct={"42": "0" * N})), "teacher of part 1 differs .* dev rows"),
+        (changed(lambda r: r["rows"][1].pop("dev_correct")), "row 'no_kd' has no dev_correct"),
+        ([record(42), record(42)], r"seed\(s\) \['42'\] of part 1 are in an earlier part"),
+    ],
+)
+def test_parts_that_are_not_seeds_of_one_benchmark_are_refused(parts, match):
+    with pytest.raises(ValueError, match=match):
+        combine_records(copy.deepcopy(parts))
+
+
+def test_script_combines_records_into_one(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    paths = []
+    for seed in (42, 43):
+        paths.append(tmp_path / f"r{seed}.json")
+        paths[-1].write_text(json.dumps(record(seed)))
+    out = tmp_path / "all.json"
+    script.main(["--combine", *map(str, paths), "--into", str(out)])
+    combined = load_record(out)
+    assert combined["budget"]["student_seeds"] == [42, 43]
+    assert "seeds [42, 43], from 2 records" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--into"):
+        script.main(["--combine", *map(str, paths)])
+    with pytest.raises(SystemExit, match="in an earlier part"):
+        script.main(["--combine", str(paths[0]), str(paths[0]), "--into", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
