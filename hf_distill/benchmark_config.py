@@ -17,7 +17,7 @@ import yaml
 
 from .config import DistillationConfig, load_recipe, recipe_root
 from .data import check_transfer_weights
-from .transfer import check_unlabelled_source
+from .transfer import check_augment, check_unlabelled_source
 
 
 # ---------------------------------------------------------------------------------------------------- configuration
@@ -47,6 +47,10 @@ class BenchmarkConfig:
             [`DataArguments`] (at most one source). The distilled rows train on the labelled rows plus these
             unlabelled ones (teacher terms only); the teacher and the no-KD row train on the labelled rows alone,
             since without a teacher there is nothing to learn from unlabelled text.
+        augment_method, augment_n_per_row, augment_p, augment_top_k, augment_mlm_model_name_or_path,
+            max_augmented_samples: augmented copies of the labelled rows (`hf_distill.augment`), as in
+            [`DataArguments`]: appended to the distilled rows' transfer set (after its unlabelled rows, if any), made
+            once into `<output_dir>/augmented` and labelled by the teacher (through the teacher cache, if on).
         student_num_layers (`int`, *optional*), student_layers (`str`, *optional*): the student, built by
             `make_student` from evenly spaced ("alternating") teacher layers, first and last included.
         teacher_cache (`bool`, defaults to `False`): the distilled rows read the teacher's outputs from a cache in
@@ -114,6 +118,13 @@ class BenchmarkConfig:
         default=False, metadata={"help": "Use the training rows outside max_train_samples, unlabelled."}
     )
     max_unlabelled_samples: int | None = field(default=None, metadata={"help": "Seeded subset of unlabelled rows."})
+    # Augmentation: copies of the labelled rows edited (hf_distill.augment), for the distilled rows only
+    augment_method: str | None = field(default=None, metadata={"help": "'eda', 'swap', ..., or 'mlm' (TinyBERT)."})
+    augment_n_per_row: int = field(default=4, metadata={"help": "Augmented texts per labelled row."})
+    augment_p: float | None = field(default=None, metadata={"help": "Edit rate (default 0.1; 'mlm': 0.4)."})
+    augment_top_k: int = field(default=15, metadata={"help": "'mlm': candidates per word."})
+    augment_mlm_model_name_or_path: str | None = field(default=None, metadata={"help": "'mlm': a masked-LM."})
+    max_augmented_samples: int | None = field(default=None, metadata={"help": "Seeded subset of augmented rows."})
     # Student
     student_num_layers: int | None = field(default=None, metadata={"help": "Student depth (default: half)."})
     student_layers: str | None = field(default=None, metadata={"help": "Teacher layers copied, e.g. '0,2,4'."})
@@ -183,6 +194,7 @@ class BenchmarkConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}.")
         check_unlabelled_source(self)  # the same rules as DataArguments: one source, a split needs dataset_name, ...
+        check_augment(self)
         if not self.baseline_recipe:
             raise ValueError(
                 "baseline_recipe is required: the no-KD row, a recipe with task_weight > 0 and every other weight 0."

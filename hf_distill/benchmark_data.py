@@ -17,7 +17,7 @@ from .benchmark_config import BenchmarkConfig
 from .benchmark_stages import StageResult, resolve_teacher, total_train_steps
 from .config import DataArguments
 from .data import labelled_rows, load_task_dataset, num_labels_of, row_counts, tokenize_dataset
-from .transfer import unlabelled_source
+from .transfer import AUGMENT_FIELDS, unlabelled_source
 
 # BenchmarkConfig fields of the transfer set: in the spec of every distilled stage when one is set.
 TRANSFER_KEYS = ("unlabelled_file", "unlabelled_split", "unlabelled_from_train", "max_unlabelled_samples")
@@ -52,6 +52,10 @@ class BenchmarkInputs:
             files = {"dataset_name": c.dataset_name, "dataset_config": c.dataset_config}
         else:
             raise FileNotFoundError(f"train_file={c.train_file!r} / validation_file={c.validation_file!r} not found.")
+        augment = {k: getattr(c, k) for k in AUGMENT_FIELDS}
+        mlm = c.augment_mlm_model_name_or_path
+        if mlm and self._path(mlm).exists():  # a local folder (relative: to the root), else a Hub id
+            augment["augment_mlm_model_name_or_path"] = str(self._path(mlm))
         return DataArguments(
             **files,
             train_split=c.train_split,
@@ -65,6 +69,8 @@ class BenchmarkInputs:
             unlabelled_split=c.unlabelled_split,
             unlabelled_from_train=c.unlabelled_from_train,
             max_unlabelled_samples=c.max_unlabelled_samples,
+            **augment,
+            augment_cache_dir=str(self.out / "augmented") if c.augment_method else None,
         )
 
     @cached_property
@@ -98,9 +104,11 @@ class BenchmarkInputs:
         return self.dataset["train"] if transfer and self.transfer_spec() else self.labelled_train
 
     def transfer_spec(self) -> dict[str, Any]:
-        """The transfer-set settings, or {} without one (benchmarks without one keep their stages' fingerprints)."""
+        """The transfer-set settings (unlabelled source, augmentation), or {} without one (benchmarks without one, or
+        without augmentation, keep their stages' fingerprints)."""
         c = self.config
-        return {k: getattr(c, k) for k in TRANSFER_KEYS} if unlabelled_source(c) else {}
+        spec = {k: getattr(c, k) for k in TRANSFER_KEYS} if unlabelled_source(c) else {}
+        return spec | ({k: getattr(c, k) for k in AUGMENT_FIELDS} if c.augment_method else {})
 
     @cached_property
     def collator(self):

@@ -12,7 +12,7 @@ import yaml
 from transformers import TrainingArguments
 
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
-from .transfer import check_unlabelled_source, unlabelled_source
+from .transfer import check_augment, check_unlabelled_source, transfer_source, unlabelled_source
 
 LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
@@ -411,6 +411,29 @@ class DataArguments:
     max_unlabelled_samples: int | None = field(
         default=None, metadata={"help": "Use a seeded shuffled subset of this many unlabelled rows (unset: all)."}
     )
+    augment_method: str | None = field(
+        default=None,
+        metadata={
+            "help": "Transfer set: augmented copies of the labelled training rows, labelled by the teacher only "
+            "(hf_distill.augment): 'eda' (one EDA edit each: swap, delete, insert or replace words; no model), one "
+            "of 'swap', 'delete', 'insert', 'replace', or 'mlm' (TinyBERT's masked-LM word replacement)."
+        },
+    )
+    augment_n_per_row: int = field(default=4, metadata={"help": "Augmented texts made per labelled row."})
+    augment_p: float | None = field(
+        default=None, metadata={"help": "Edit rate: EDA's alpha (default 0.1) or, for 'mlm', TinyBERT's 0.4."}
+    )
+    augment_top_k: int = field(default=15, metadata={"help": "'mlm': candidates per word (TinyBERT: 15)."})
+    augment_mlm_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "'mlm': a model with a trained masked-LM head, and its tokenizer."}
+    )
+    augment_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Store the augmented rows (Arrow) here, made once and reused (unset: made in memory)."},
+    )
+    max_augmented_samples: int | None = field(
+        default=None, metadata={"help": "Use a seeded shuffled subset of this many augmented rows (unset: all)."}
+    )
 
     @property
     def unlabelled_source(self) -> str | None:
@@ -430,6 +453,12 @@ class DataArguments:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or unset, got {value}. Leave it unset to use every row.")
         check_unlabelled_source(self)
+        check_augment(self)
+
+    @property
+    def transfer_source(self) -> str | None:
+        """The field that adds teacher-only rows (an unlabelled source, else `augment_method`), or None."""
+        return transfer_source(self)
 
 
 SCRIPT_DATACLASSES = (ModelArguments, DataArguments, RunArguments, DistillationConfig)
@@ -455,13 +484,19 @@ RECIPE_PATH_FIELDS = (
     "train_file",
     "validation_file",
     "unlabelled_file",
+    "augment_cache_dir",
     "output_dir",
     "logging_dir",
     "teacher_cache_dir",
     "resume_from_checkpoint",
 )
 # Recipe fields holding a local directory or a Hub id (`org/name`): resolved only when they are a local path.
-RECIPE_MODEL_FIELDS = ("teacher_model_name_or_path", "student_model_name_or_path", "tokenizer_name_or_path")
+RECIPE_MODEL_FIELDS = (
+    "teacher_model_name_or_path",
+    "student_model_name_or_path",
+    "tokenizer_name_or_path",
+    "augment_mlm_model_name_or_path",
+)
 ROOT_MARKERS = ("pyproject.toml", ".git")
 
 

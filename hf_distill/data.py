@@ -14,7 +14,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, List, Value, concatenate_
 
 from .config import DataArguments
 from .labels import LabelInfo, apply_label_info, encode_labels, label_info, list_item_feature, num_labels_of
-from .transfer import unlabelled_source
+from .transfer import augment_p, transfer_source
 
 __all__ = [
     "UNLABELLED_COLUMN",
@@ -141,7 +141,59 @@ def load_task_dataset(data_args: DataArguments, seed: int = 42) -> DatasetDict:
         elif data_args.unlabelled_split:
             unlabelled = raw[data_args.unlabelled_split]  # checked to exist above
         ds["train"] = _append_unlabelled(ds, unlabelled, data_args, seed)
+    if data_args.augment_method is not None:
+        if "train" not in ds:
+            raise ValueError(
+                f"augment_method={data_args.augment_method!r} augments the labelled training rows, but there is no "
+                "train split. Set train_file or dataset_name."
+            )
+        ds["train"] = _append_unlabelled(
+            ds, augmented_rows(labelled_rows(ds["train"]), data_args, seed), data_args, seed, source="augment_method"
+        )
     return ds
+
+
+def augmented_rows(labelled: Dataset, data_args: DataArguments, seed: int) -> Dataset:
+    """`augment_n_per_row` augmented texts per labelled row (`hf_distill.augment.augment_dataset`, seeded by `seed`),
+    stored in `augment_cache_dir` when set. With `augment_method='mlm'` the masked-LM is loaded from
+    `augment_mlm_model_name_or_path`, and refused when its masked-LM head would be freshly initialised."""
+    from .augment import augment_dataset
+
+    mlm_model = mlm_tokenizer = None
+    if data_args.augment_method == "mlm":
+        mlm_model, mlm_tokenizer = load_masked_lm(data_args.augment_mlm_model_name_or_path)
+    augmented = augment_dataset(
+        labelled.select_columns([data_args.text_column]),
+        data_args.text_column,
+        method=data_args.augment_method,
+        n_per_row=data_args.augment_n_per_row,
+        seed=seed,
+        cache_dir=data_args.augment_cache_dir,
+        p=augment_p(data_args),
+        mlm_model=mlm_model,
+        mlm_tokenizer=mlm_tokenizer,
+        top_k=data_args.augment_top_k,
+    )
+    return augmented.select_columns([data_args.text_column])
+
+
+def load_masked_lm(path: str):
+    """A masked-LM and its tokenizer from `path`, refused when the checkpoint holds no masked-LM head (a sentence
+    encoder such as all-MiniLM-L6-v2: `from_pretrained` would initialise the head at random, and its word
+    candidates would be noise)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    head = model.get_output_embeddings()
+    head_names = {name for name, p in model.named_parameters() if any(p is q for q in head.parameters())}
+    missing = sorted(k for k in info["missing_keys"] if k in head_names or "lm_head" in k or k.startswith("cls."))
+    if missing:
+        raise ValueError(
+            f"augment_mlm_model_name_or_path={path!r} has no trained masked-LM head (missing from the checkpoint: "
+            f"{', '.join(missing[:4])}): its word candidates would be random. Use a checkpoint with its MLM head "
+            "(e.g. bert-base-uncased), or augment_method='eda'."
+        )
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def _texts(d: Dataset, data_args: DataArguments) -> list[tuple]:
@@ -158,9 +210,16 @@ def _placeholder_label(feature, width: int):
     return -1  # integer ids and ClassLabel (-1 is datasets' "no label")
 
 
-def _append_unlabelled(ds: DatasetDict, unlabelled: Dataset, data_args: DataArguments, seed: int) -> Dataset:
-    source = data_args.unlabelled_source
+def _append_unlabelled(
+    ds: DatasetDict, unlabelled: Dataset, data_args: DataArguments, seed: int, source: str | None = None
+) -> Dataset:
+    """`ds["train"]` followed by the rows of `unlabelled` that are neither empty nor a copy of an eval text, in a
+    seeded order, at most `max_unlabelled_samples` (`max_augmented_samples` for `source="augment_method"`) of them,
+    flagged in `UNLABELLED_COLUMN`; rows already appended keep their flag."""
+    source = source or data_args.unlabelled_source
+    limit = data_args.max_augmented_samples if source == "augment_method" else data_args.max_unlabelled_samples
     train = ds["train"]
+    flagged = UNLABELLED_COLUMN in train.column_names
     for column in (data_args.text_column, data_args.text_pair_column):
         if column is not None and column not in unlabelled.column_names:
             raise ValueError(
@@ -188,12 +247,12 @@ def _append_unlabelled(ds: DatasetDict, unlabelled: Dataset, data_args: DataArgu
             "dropped. Pass texts that are not in the eval split."
         )
     unlabelled = unlabelled.select(keep).shuffle(seed=seed)
-    if data_args.max_unlabelled_samples is not None:
-        unlabelled = unlabelled.select(range(min(data_args.max_unlabelled_samples, len(unlabelled))))
+    if limit is not None:
+        unlabelled = unlabelled.select(range(min(limit, len(unlabelled))))
     label = data_args.label_column
     width = len(train[0][label]) if list_item_feature(train.features[label]) is not None else 0
     n = len(unlabelled)
-    rows = {c: [None] * n for c in train.column_names}
+    rows = {c: [None] * n for c in train.column_names if c != UNLABELLED_COLUMN}
     for column in (data_args.text_column, data_args.text_pair_column):
         if column is not None:
             rows[column] = [str(v) for v in unlabelled[column]]
@@ -202,9 +261,9 @@ def _append_unlabelled(ds: DatasetDict, unlabelled: Dataset, data_args: DataArgu
     features = train.features.copy()
     features[UNLABELLED_COLUMN] = Value("bool")
     extra = Dataset.from_dict(rows, features=features)
-    labelled = train.add_column(UNLABELLED_COLUMN, [False] * len(train), feature=Value("bool"))
-    logger.info("train rows: %d labelled + %d unlabelled (%s)", len(train), n, source)
-    return concatenate_datasets([labelled, extra])
+    before = train if flagged else train.add_column(UNLABELLED_COLUMN, [False] * len(train), feature=Value("bool"))
+    logger.info("train rows: %d + %d unlabelled (%s)", len(train), n, source)
+    return concatenate_datasets([before, extra])
 
 
 TEACHER_WEIGHTS = ("logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
@@ -217,7 +276,7 @@ def check_transfer_weights(data_args: DataArguments, args) -> None:
         data_args: the data settings (the transfer set's source): a `DataArguments` or a `BenchmarkConfig`.
         args: a `DistillationConfig` (or anything with its `*_weight` fields).
     """
-    source = unlabelled_source(data_args)
+    source = transfer_source(data_args)
     if source is None or any(getattr(args, name, 0) > 0 for name in TEACHER_WEIGHTS):
         return
     raise ValueError(

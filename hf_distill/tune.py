@@ -229,7 +229,7 @@ def tune_distillation(
 
     start = time.perf_counter()
     # ------------------------------------------------------------------ checks, before anything is loaded
-    dims = search_dimensions(tune, training_args, transfer_set=data_args.unlabelled_source is not None)
+    dims = search_dimensions(tune, training_args, transfer_set=data_args.transfer_source is not None)
     check_transfer_weights(data_args, training_args)
     tune_dir = tune.tune_dir or f"{training_args.output_dir.rstrip(os.sep)}-tune"
     if training_args.world_size > 1:

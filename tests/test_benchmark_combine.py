@@ -56,10 +56,14 @@ def test_combined_record_pools_the_seeds_of_its_parts():
         assert rows[name]["accuracy"] == pytest.approx(np.mean(per_seed))
         assert rows[name]["accuracy_std"] == pytest.approx(np.std(per_seed, ddof=1))
         assert rows[name]["accuracy_per_seed"] == {str(s): a for s, a in zip([42, 43, 44], per_seed)}
-        assert rows[name]["dev_correct"] == {str(s): p["rows"][k]["dev_correct"][str(s)] for s, p in zip([42, 43, 44], parts)}
+        assert rows[name]["dev_correct"] == {
+            str(s): p["rows"][k]["dev_correct"][str(s)] for s, p in zip([42, 43, 44], parts)
+        }
 
     def stacked(k):
-        return np.stack([np.array([c == "1" for c in p["rows"][k]["dev_correct"][str(s)]]) for s, p in zip([42, 43, 44], parts)])
+        return np.stack(
+            [np.array([c == "1" for c in p["rows"][k]["dev_correct"][str(s)]]) for s, p in zip([42, 43, 44], parts)]
+        )
 
     assert rows["kd"]["delta_ci95"] == list(paired_bootstrap(stacked(2), stacked(1), seed=42))
     assert "delta_ci95" not in rows["no_kd"] and "delta_ci95" not in rows["teacher"]
@@ -81,7 +85,10 @@ def changed(edit):
     [
         ([record(42)], "at least two records"),
         (changed(lambda r: r.update(benchmark="other")), "is benchmark 'other'"),
-        (changed(lambda r: r["config"].update(max_train_samples=128)), r"another config .*max_train_samples: 64 -> 128"),
+        (
+            changed(lambda r: r["config"].update(max_train_samples=128)),
+            r"another config .*max_train_samples: 64 -> 128",
+        ),
         (changed(lambda r: r["budget"].update(train_rows=128)), r"another budget .*train_rows"),
         (changed(lambda r: r["rows"].pop()), "has rows"),
         (changed(lambda r: r["rows"][0].update(dev_correct={"42": "0" * N})), "teacher of part 1 differs .* dev rows"),
