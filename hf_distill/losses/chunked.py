@@ -15,22 +15,28 @@ log-ratios) alive until the backward pass. Two ways to bound that:
   (``liger_kernel/chunked_loss/fused_linear_distillation.py``, ``ops/fused_linear_jsd.py``): gradients are computed
   during the forward pass and the backward pass only scales them by the incoming gradient.
 
-Both give the loss of the unchunked function (``loss_fn(student_logits, teacher_logits, mask, ...)``, see
-:mod:`hf_distill.losses.lm`) and its gradients up to floating-point summation order: each chunk's loss is divided by
-the same denominator (the number of counted positions of the whole call, or ``num_items_in_batch``) and the chunks'
-values are added. The teacher is treated as a constant: teacher tensors get no gradient.
+Per chunk, the loss and its gradient come from the closed forms of :mod:`hf_distill.losses.lm_grads` for the six
+``LM_LOGIT_LOSSES`` (about half the fp32 intermediates of an autograd pass); any other logit loss given to
+:func:`chunked_logit_loss` runs a local autograd pass on the chunk. Both give the loss of the unchunked function
+(``loss_fn(student_logits, teacher_logits, mask, ...)``) and its gradients up to floating-point summation order: each
+chunk's loss is divided by the same denominator (the number of counted positions of the whole call, or
+``num_items_in_batch``) and the chunks' values are added. The teacher is treated as a constant: teacher tensors get
+no gradient. Double backward is not supported.
 """
 
 import torch
 import torch.nn.functional as F
 
 from hf_distill.losses.lm import LM_LOGIT_LOSSES
+from hf_distill.losses.lm_grads import chunk_value_and_grad, softened_log_probs
 from hf_distill.losses.logits import _check_mask
 
 __all__ = ["chunked_logit_loss", "fused_linear_distill_loss"]
 
 # Which keyword of its own each fused divergence takes (the rest take none).
 _DIVERGENCE_KEYWORDS = {"generalized_jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
+# The loss functions whose chunk gradients are written out in lm_grads.py; any other loss runs a local autograd.
+_ANALYTIC_NAMES = {fn: name for name, fn in LM_LOGIT_LOSSES.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -95,6 +101,13 @@ def _chunk_loss_and_grad(
     return loss.detach(), grad
 
 
+def _validate_on_zero_rows(loss_fn, vocab: int, like: torch.Tensor, options: dict) -> None:
+    """Runs ``loss_fn`` on ``(0, V)`` logits: it raises its own errors for bad keywords (a ``beta`` out of range, an
+    ``alpha`` it does not take) before any chunk is computed, whichever path computes the chunks."""
+    empty = like.new_empty((0, vocab))
+    loss_fn(empty, empty, **options)
+
+
 def _scaled(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
     # Skipping the multiply when the loss is backpropagated directly (grad_output == 1) saves a full-size copy.
     if grad is None or bool(grad_output == 1):
@@ -113,15 +126,29 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         need_grad = track_grad and ctx.needs_input_grad[0]
         vocab = student_logits.shape[-1]
         flat_s, flat_t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+        divergence = _ANALYTIC_NAMES.get(loss_fn)
+        if divergence is not None:
+            analytic = {k: v for k, v in options.items() if k != "num_items_in_batch"}
+            analytic["denominator"] = options["num_items_in_batch"]
         grad = torch.zeros_like(flat_s) if need_grad else None
         total = None
         for selector in _chunks(rows, n_rows, chunk_size):
-            loss, chunk_grad = _chunk_loss_and_grad(
-                loss_fn, _take(flat_s, selector), _take(flat_t, selector), options, need_grad
-            )
+            if divergence is not None:
+                loss, chunk_grad = chunk_value_and_grad(
+                    divergence,
+                    softened_log_probs(_take(flat_s, selector), options["temperature"]),
+                    softened_log_probs(_take(flat_t, selector), options["temperature"]),
+                    need_grad=need_grad,
+                    **analytic,
+                )
+            else:
+                loss, chunk_grad = _chunk_loss_and_grad(
+                    loss_fn, _take(flat_s, selector), _take(flat_t, selector), options, need_grad
+                )
             total = loss if total is None else total + loss
             if need_grad:
                 grad[selector] = chunk_grad
+            del chunk_grad
         if total is None:  # no counted position: a zero, with zero gradients
             total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
         ctx.save_for_backward(grad.view_as(student_logits) if need_grad else None)
@@ -175,6 +202,7 @@ def chunked_logit_loss(
         )
     rows, n_rows = _counted_rows(mask, student_logits.shape[:-1], "logits")
     options = {"temperature": temperature, "num_items_in_batch": _denominator(n_rows, num_items_in_batch), **kwargs}
+    _validate_on_zero_rows(loss_fn, student_logits.shape[-1], student_logits, options)
     return _ChunkedLogitLoss.apply(
         student_logits, teacher_logits, rows, n_rows, loss_fn, chunk_size, options, torch.is_grad_enabled()
     )
@@ -197,7 +225,7 @@ class _FusedLinearDistillLoss(torch.autograd.Function):
         teacher_bias,
         rows,
         n_rows,
-        loss_fn,
+        divergence,
         chunk_size,
         options,
         track_grad,
@@ -214,12 +242,15 @@ class _FusedLinearDistillLoss(torch.autograd.Function):
         total = None
         for selector in _chunks(rows, n_rows, chunk_size):
             hidden = _take(flat_s, selector)
-            student_logits = F.linear(hidden, student_weight, student_bias)
-            teacher_logits = F.linear(_take(flat_t, selector), teacher_weight, teacher_bias)
-            loss, grad_logits = _chunk_loss_and_grad(
-                loss_fn, student_logits, teacher_logits, options, need_logits_grad
+            # Each model's chunk of logits is a temporary, freed as soon as its log-softmax exists.
+            temperature = options["temperature"]
+            loss, grad_logits = chunk_value_and_grad(
+                divergence,
+                softened_log_probs(F.linear(hidden, student_weight, student_bias), temperature),
+                softened_log_probs(F.linear(_take(flat_t, selector), teacher_weight, teacher_bias), temperature),
+                need_grad=need_logits_grad,
+                **options,
             )
-            del student_logits, teacher_logits
             total = loss if total is None else total + loss
             if grad_hidden is not None:
                 grad_hidden[selector] = grad_logits.to(student_weight.dtype) @ student_weight
@@ -227,6 +258,7 @@ class _FusedLinearDistillLoss(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t().to(accumulate), hidden.to(accumulate))
             if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(0, dtype=accumulate))
+            del grad_logits
         if total is None:  # no counted position: a zero, with zero gradients
             total = flat_s.new_zeros((), dtype=torch.promote_types(flat_s.dtype, torch.float32))
         ctx.save_for_backward(
@@ -265,10 +297,10 @@ def fused_linear_distill_loss(
     Equal to ``LM_LOGIT_LOSSES[divergence](F.linear(student_hidden, student_weight, student_bias),
     F.linear(teacher_hidden, teacher_weight, teacher_bias), mask, temperature=..., num_items_in_batch=..., ...)``
     and to its gradients up to floating-point summation order. Per chunk of ``chunk_size`` counted positions, both
-    chunks' logits, the chunk's loss and its gradient with respect to the student chunk's logits are computed (local
-    autograd on the chunk); from that gradient ``G`` the student's hidden rows get ``G @ W_s``, the weight
-    accumulates ``G.T @ h_s`` and the bias ``G.sum(0)``. Peak extra memory is a few ``(chunk_size x V)`` fp32 tensors
-    plus one gradient of each of ``student_hidden``, ``student_weight`` and ``student_bias``.
+    chunks' logits, the chunk's loss and its gradient ``G`` with respect to the student chunk's logits are computed
+    (closed forms, :mod:`hf_distill.losses.lm_grads`); the student's hidden rows get ``G @ W_s``, the weight
+    accumulates ``G.T @ h_s`` and the bias ``G.sum(0)``. Peak extra memory is about five ``(chunk_size x V)`` fp32
+    tensors plus one gradient of each of ``student_hidden``, ``student_weight`` and ``student_bias``.
 
     Args:
         student_hidden: ``(..., H_s)`` the student's last hidden states (e.g. ``(B, L, H_s)``, already shifted).
@@ -325,7 +357,8 @@ def fused_linear_distill_loss(
             f"{tuple(teacher_hidden.shape[:-1])}. Pass both models' hidden states for the same positions."
         )
     rows, n_rows = _counted_rows(mask, student_hidden.shape[:-1], "hidden states")
-    options["num_items_in_batch"] = _denominator(n_rows, num_items_in_batch)
+    _validate_on_zero_rows(LM_LOGIT_LOSSES[divergence], student_weight.shape[0], student_hidden, options)
+    options["denominator"] = _denominator(n_rows, num_items_in_batch)
     return _FusedLinearDistillLoss.apply(
         student_hidden,
         student_weight,
@@ -335,7 +368,7 @@ def fused_linear_distill_loss(
         teacher_bias,
         rows,
         n_rows,
-        LM_LOGIT_LOSSES[divergence],
+        divergence,
         chunk_size,
         options,
         torch.is_grad_enabled(),
