@@ -3,10 +3,10 @@
 Used by :mod:`hf_distill.losses.chunked`, which needs, per chunk of ``n`` counted positions, the chunk's share of the
 loss and its gradient with respect to the chunk's ``(n, V)`` student logits, without keeping an autograd graph. A
 local autograd pass over the :mod:`hf_distill.losses.lm` function would give the same numbers, but it keeps every
-fp32 intermediate of the forward pass (about eight ``(n, V)`` tensors for the forward KL, thirteen for the
-generalised JSD) until its backward; written out by hand, with in-place updates, about four or five exist at a time,
-which is what bounds the peak memory of the fused loss (Liger-Kernel's fused linear JSD computes its gradient in
-place the same way, ``liger_kernel/ops/jsd.py``).
+fp32 intermediate of the forward pass until its backward (measured in the fused loss: about 8 ``(n, V)`` tensors at
+the peak for the forward KL, 13 for the generalised JSD); written out by hand, with in-place updates, 4 to 6 exist
+at a time (forward / reverse KL 4, skew reverse KL 6), which is what bounds the peak memory of the fused loss
+(Liger-Kernel's fused linear JSD computes its gradient in place the same way, ``liger_kernel/ops/jsd.py``).
 
 Notation, per position: ``z = logits / T``, ``q = log_softmax(z_S)``, ``r = log_softmax(z_T)``, ``p_S = exp(q)``,
 ``p_T = exp(r)``. Each divergence below returns the sum over the chunk of its per-position value (without T²) and
