@@ -24,7 +24,7 @@ A cache is keyed by a fingerprint of everything its contents depend on (`teacher
 - the collator: its class and settings (`padding`, `pad_to_multiple_of`, `max_length`, `mlm`, `label_pad_token_id`,
   `return_tensors`, ...; a tokenizer inside it by what it does, never by its repr), and the padding side,
 - the maximum length the rows were tokenized to (when given), and what is cached (`TeacherCacheSpec`: logits, top-k,
-  layers, embeddings, attention maps, storage dtype) plus the storage format version.
+  layers, embeddings, attention maps, storage dtype, top-k tail and its temperature) plus the storage format version.
 
 What is cached is what the live teacher would compute: the build collates the rows with the training collator and
 feeds the teacher every collated key its forward takes, labels excluded, exactly as `DistillationTrainer` does
@@ -47,6 +47,8 @@ reshapes them, and `TeacherCacheCollator` pads them to the batch with zeros, whi
 |---------------------------------------|--------------------------------------------------------|-----------------|
 | `teacher_cache_logits`                | `(C,)` (sequence classification) or `(L, V)` (tokens)  | float32         |
 | `teacher_cache_topk_values / indices` | `(k,)` or `(L, k)`: the k largest logits and their ids | float32 / int32 |
+| `teacher_cache_topk_logprobs`         | `(k,)` or `(L, k)`: log-probabilities at T of those ids | float32        |
+| `teacher_cache_topk_tail_logprob`     | `(1,)` or `(L, 1)`: log of the mass outside them at T  | float32         |
 | `teacher_cache_hidden_<i>`            | `(L, H)`: output of teacher block i                    | `dtype`         |
 | `teacher_cache_embeddings`            | `(L, H)`: input of the first block                     | `dtype`         |
 | `teacher_cache_attention_<i>`         | `(heads, L, L)`: attention probabilities of block i    | `dtype`         |
@@ -64,6 +66,19 @@ bucket would fix T when the cache is built), and the existing losses apply uncha
 when the teacher puts no mass outside its top-k, and pushes the student's mass into the teacher's support otherwise.
 JSD is also defined on such a support; reverse KL (infinite outside the support) and MSE (on `-inf`) are not, and
 `DistillationConfig` refuses them with top-k.
+
+Top-k plus tail (`TeacherCacheSpec(top_k=k, top_k_tail=True, temperature=T)`): the sparse form of the teacher's true
+distribution instead of its renormalised top-k. Per position the cache stores the top-k ids (`..._topk_indices`,
+int32), their log-probabilities `log_softmax(z / T)` (`..._topk_logprobs`, float32) and the log of the remaining mass
+(`..._topk_tail_logprob`: the log-sum-exp of the logits outside the top-k minus the full one, exact even where the
+tail is below float rounding of 1 - Σ p): `8k + 4` bytes per token against `4·V` for the logits (SmolLM2, V = 49,152:
+68 bytes at k = 8, 1,028 at k = 128, against 196,608). `cached_teacher_features` returns them as a
+`SparseTeacherLogits` (`outputs.sparse_logits`; `outputs.logits` is None) and `hf_distill.losses.sparse.sparse_kl_loss`
+compares the student with this (k + 1)-bucket distribution directly, no `(tokens, V)` teacher tensor made: a lower
+bound of the full KL, equal to it when the teacher has no mass outside its top-k. Log-probabilities depend on T, so
+T is part of the spec and of the key: a cache built at T = 2 never serves T = 1 (build one per temperature). Specs
+without `top_k_tail` store what they always did (the format version is unchanged), and a k at least the number of
+classes still stores the full logits.
 
 Attention maps are not cached unless asked for: they cost `heads·L²` values per matched layer per row against `L·H`
 for a hidden state, quadratic in the length: for MiniLM (12 heads, H = 384) as much as a hidden state at L = 32,
@@ -100,11 +115,20 @@ from .spec import (
     ROW,
     TOKEN,
     TOPK_INDICES_COLUMN,
+    TOPK_LOGPROBS_COLUMN,
+    TOPK_TAIL_COLUMN,
     TOPK_VALUES_COLUMN,
     TeacherCache,
     TeacherCacheSpec,
 )
-from .training import TeacherCacheCollator, cached_teacher_features, densify_top_k, has_cached_teacher, pad_cached_rows
+from .training import (
+    SparseTeacherLogits,
+    TeacherCacheCollator,
+    cached_teacher_features,
+    densify_top_k,
+    has_cached_teacher,
+    pad_cached_rows,
+)
 
 __all__ = [
     "ARROW_NAME",
@@ -121,7 +145,10 @@ __all__ = [
     "ROW",
     "TOKEN",
     "TOPK_INDICES_COLUMN",
+    "TOPK_LOGPROBS_COLUMN",
+    "TOPK_TAIL_COLUMN",
     "TOPK_VALUES_COLUMN",
+    "SparseTeacherLogits",
     "TeacherCache",
     "TeacherCacheCollator",
     "TeacherCacheSpec",

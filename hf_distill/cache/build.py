@@ -19,6 +19,7 @@ from torch import nn
 
 from ..features import Features as ModelFeatures
 from ..features import forward_with_features
+from ..losses.sparse import sparse_teacher_distribution
 from .collators import check_rows_in_place, labels_reach_teacher, probe_collator, teacher_view
 from .fingerprint import data_digest, resolve_padding_side, teacher_cache_fingerprint, teacher_input_columns
 from .spec import (
@@ -35,6 +36,8 @@ from .spec import (
     ROW,
     TOKEN,
     TOPK_INDICES_COLUMN,
+    TOPK_LOGPROBS_COLUMN,
+    TOPK_TAIL_COLUMN,
     TOPK_VALUES_COLUMN,
     TeacherCache,
     TeacherCacheSpec,
@@ -50,7 +53,8 @@ def _column_features(layouts: dict[str, tuple[str, int]], dtype: str) -> Feature
     def value(name: str) -> Value:
         if name == TOPK_INDICES_COLUMN:
             return Value("int32")
-        return Value("float32" if name in (LOGITS_COLUMN, TOPK_VALUES_COLUMN) else dtype)
+        logit_columns = (LOGITS_COLUMN, TOPK_VALUES_COLUMN, TOPK_LOGPROBS_COLUMN, TOPK_TAIL_COLUMN)
+        return Value("float32" if name in logit_columns else dtype)
 
     return Features({name: List(value(name)) for name in layouts})
 
@@ -285,7 +289,13 @@ def _rows_of(
             )
         per_row = [logits[b, s] if token_level else logits[b] for b, s in enumerate(spans)]
         num_classes = logits.shape[-1]
-        if spec.top_k is not None and spec.top_k < num_classes:
+        if spec.top_k is not None and spec.top_k < num_classes and spec.top_k_tail:
+            layout = TOKEN if token_level else ROW
+            sparse = [sparse_teacher_distribution(row, spec.top_k, temperature=spec.temperature) for row in per_row]
+            add(TOPK_INDICES_COLUMN, layout, spec.top_k, [ids for ids, _, _ in sparse])
+            add(TOPK_LOGPROBS_COLUMN, layout, spec.top_k, [logprobs for _, logprobs, _ in sparse])
+            add(TOPK_TAIL_COLUMN, layout, 1, [tail for _, _, tail in sparse])
+        elif spec.top_k is not None and spec.top_k < num_classes:
             top = [row.topk(spec.top_k, dim=-1) for row in per_row]
             add(TOPK_VALUES_COLUMN, TOKEN if token_level else ROW, spec.top_k, [t.values for t in top])
             add(TOPK_INDICES_COLUMN, TOKEN if token_level else ROW, spec.top_k, [t.indices.int() for t in top])

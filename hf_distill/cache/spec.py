@@ -19,6 +19,9 @@ CACHE_PREFIX = "teacher_cache_"
 LOGITS_COLUMN = CACHE_PREFIX + "logits"
 TOPK_VALUES_COLUMN = CACHE_PREFIX + "topk_values"
 TOPK_INDICES_COLUMN = CACHE_PREFIX + "topk_indices"
+# The sparse form (`top_k_tail=True`): the top-k ids are `TOPK_INDICES_COLUMN`, with these two beside them.
+TOPK_LOGPROBS_COLUMN = CACHE_PREFIX + "topk_logprobs"
+TOPK_TAIL_COLUMN = CACHE_PREFIX + "topk_tail_logprob"
 EMBEDDINGS_COLUMN = CACHE_PREFIX + "embeddings"
 HIDDEN_COLUMN = CACHE_PREFIX + "hidden_{}"
 ATTENTION_COLUMN = CACHE_PREFIX + "attention_{}"
@@ -44,7 +47,17 @@ class TeacherCacheSpec:
             docstring).
         embeddings: cache the input of the first block (for the embeddings term).
         dtype: storage dtype of hidden states, embeddings and attention maps: `"float16"` (half the disk and memory,
-            about 3 significant digits) or `"float32"`. Logits are always stored in float32.
+            about 3 significant digits) or `"float32"`. Logits (and log-probabilities) are always stored in
+            float32.
+        top_k_tail: with `top_k`, store the sparse form of the teacher's distribution instead of its top-k logits:
+            per position the top-k ids, their log-probabilities `log_softmax(z / T)` at `temperature` and the log of
+            the mass outside them, `log(1 - Σ_top-k p)`, so that a loss compares the student with the teacher's true
+            distribution coarsened to k + 1 buckets (`hf_distill.losses.sparse.sparse_kl_loss`) rather than with
+            its top-k renormalised (see the module docstring of `hf_distill.cache`).
+        temperature: the temperature T of the stored log-probabilities, required with `top_k_tail` (ignored, and
+            set to `None`, without it: stored logits serve every T). The log-probabilities and the tail mass depend on
+            T, so it is part of the key: a cache built at T = 2 never serves a run at T = 1. Pass the temperature
+            the loss uses.
     """
 
     logits: bool = True
@@ -53,14 +66,32 @@ class TeacherCacheSpec:
     attention_layers: tuple[int, ...] = ()
     embeddings: bool = False
     dtype: str = "float16"
+    top_k_tail: bool = False
+    temperature: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_layers", tuple(sorted(set(self.hidden_layers))))
         object.__setattr__(self, "attention_layers", tuple(sorted(set(self.attention_layers))))
         if not self.logits:  # top_k only shapes the logits: without them it must not split the cache key
             object.__setattr__(self, "top_k", None)
+            object.__setattr__(self, "top_k_tail", False)
+            object.__setattr__(self, "temperature", None)
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}. Use e.g. 64, or None for all logits.")
+        if self.top_k_tail:
+            if self.top_k is None:
+                raise ValueError(
+                    "top_k_tail=True stores the top-k log-probabilities plus the tail mass, but top_k is None. Set "
+                    "top_k, e.g. TeacherCacheSpec(top_k=32, top_k_tail=True, temperature=1.0)."
+                )
+            if self.temperature is None or not self.temperature > 0:
+                raise ValueError(
+                    f"top_k_tail=True needs the temperature the log-probabilities are taken at (> 0), got "
+                    f"{self.temperature}. Pass the temperature the loss uses, e.g. temperature=1.0."
+                )
+            object.__setattr__(self, "temperature", float(self.temperature))
+        else:  # stored logits serve every temperature: a temperature must not split their key
+            object.__setattr__(self, "temperature", None)
         if self.dtype not in CACHE_DTYPES:
             raise ValueError(f"dtype must be one of {CACHE_DTYPES}, got {self.dtype!r}.")
         if not (self.logits or self.hidden_layers or self.attention_layers or self.embeddings):

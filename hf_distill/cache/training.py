@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,9 +20,30 @@ from .spec import (
     ROW,
     TOKEN,
     TOPK_INDICES_COLUMN,
+    TOPK_LOGPROBS_COLUMN,
+    TOPK_TAIL_COLUMN,
     TOPK_VALUES_COLUMN,
     row_positions,
 )
+
+
+@dataclass
+class SparseTeacherLogits:
+    """The teacher's distribution at each position of a batch as its top-k plus one tail bucket, read from a cache
+    built with `TeacherCacheSpec(top_k=k, top_k_tail=True, temperature=T)`; the inputs of
+    `hf_distill.losses.sparse.sparse_kl_loss`.
+
+    Padded positions hold zeros (not a distribution): mask them, as every loss does.
+
+    Args:
+        ids: `(..., k)` int32 token / class ids of the teacher's k most likely entries.
+        logprobs: `(..., k)` float32 teacher log-probabilities at those ids, at the cache's temperature.
+        tail_logprob: `(...)` float32 log of the teacher's mass outside them, `log(1 - Σ exp(logprobs))`.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail_logprob: torch.Tensor
 
 
 class TeacherCacheCollator:
@@ -122,12 +144,14 @@ def cached_teacher_features(
         logits, hidden_layers, attention_layers, embeddings: what the losses need; a missing column raises.
 
     Returns:
-        `Features` whose `outputs.logits` are the cached (or densified top-k) logits.
+        `Features` whose `outputs.logits` are the cached (or densified top-k) logits; for a sparse cache
+        (`top_k_tail=True`) `outputs.logits` is None and `outputs.sparse_logits` is a `SparseTeacherLogits` (nothing
+        of the vocabulary's size is made).
     """
     wanted = [HIDDEN_COLUMN.format(i) for i in hidden_layers] + [ATTENTION_COLUMN.format(i) for i in attention_layers]
     wanted += [EMBEDDINGS_COLUMN] if embeddings else []
     missing = [c for c in wanted if c not in inputs]
-    if logits and LOGITS_COLUMN not in inputs and TOPK_VALUES_COLUMN not in inputs:
+    if logits and not any(c in inputs for c in (LOGITS_COLUMN, TOPK_VALUES_COLUMN, TOPK_LOGPROBS_COLUMN)):
         missing.append(LOGITS_COLUMN)
     if missing:
         present = sorted(k for k in inputs if k.startswith(CACHE_PREFIX))
@@ -135,14 +159,17 @@ def cached_teacher_features(
             f"the batch's teacher cache has no {missing} (it has {present}): it was built for other layers or "
             "terms. Rebuild it for this configuration."
         )
-    teacher_logits = None
+    teacher_logits = sparse = None
     if logits:
-        if TOPK_VALUES_COLUMN in inputs:
+        if TOPK_LOGPROBS_COLUMN in inputs:
+            tail = inputs[TOPK_TAIL_COLUMN]
+            sparse = SparseTeacherLogits(inputs[TOPK_INDICES_COLUMN], inputs[TOPK_LOGPROBS_COLUMN], tail.squeeze(-1))
+        elif TOPK_VALUES_COLUMN in inputs:
             teacher_logits = densify_top_k(inputs[TOPK_INDICES_COLUMN], inputs[TOPK_VALUES_COLUMN], num_classes)
         else:
             teacher_logits = inputs[LOGITS_COLUMN]
     return ModelFeatures(
-        outputs=SimpleNamespace(logits=teacher_logits),
+        outputs=SimpleNamespace(logits=teacher_logits, sparse_logits=sparse),
         hidden_states={i: inputs[HIDDEN_COLUMN.format(i)] for i in hidden_layers},
         embeddings=inputs[EMBEDDINGS_COLUMN] if embeddings else None,
         attentions={i: inputs[ATTENTION_COLUMN.format(i)] for i in attention_layers},
