@@ -220,3 +220,17 @@ def test_specs_without_the_tail_store_what_they_did(tmp_path, tiny_tokenizer):
     assert set(cache.layouts) == {TOPK_VALUES_COLUMN, TOPK_INDICES_COLUMN}
     features = cached_teacher_features(cached_batch(cache, data, tiny_tokenizer, [0, 1]), num_classes=VOCAB)
     assert features.outputs.sparse_logits is None and features.outputs.logits.shape[-1] == VOCAB
+
+
+def test_specs_without_the_sparse_form_keep_their_cache_keys():
+    """`top_k_tail` and `temperature` enter the key only for the sparse form: every other spec's caches keep the keys
+    they had before those fields existed (the key is the spec's fields as they were then)."""
+    from hf_distill.cache.fingerprint import spec_key
+
+    plain = TeacherCacheSpec(logits=True, top_k=8, hidden_layers=(1,), dtype="float16")
+    assert spec_key(plain) == {
+        "logits": True, "top_k": 8, "hidden_layers": (1,), "attention_layers": (), "embeddings": False,
+        "dtype": "float16",
+    }  # fmt: skip
+    sparse = TeacherCacheSpec(logits=True, top_k=8, top_k_tail=True, temperature=2.0)
+    assert spec_key(sparse)["top_k_tail"] is True and spec_key(sparse)["temperature"] == 2.0

@@ -200,6 +200,16 @@ def data_digest(dataset: Dataset, columns: list[str]) -> str:
     return h.hexdigest()
 
 
+def spec_key(spec: TeacherCacheSpec) -> dict:
+    """The spec's part of the cache key. The sparse form's fields (`top_k_tail`, `temperature`) enter it only when the
+    sparse form is asked for, so the caches of every other spec keep the keys they had before those fields existed."""
+    key = asdict(spec)
+    if not spec.top_k_tail:
+        key.pop("top_k_tail")
+        key.pop("temperature")
+    return key
+
+
 def teacher_cache_fingerprint(
     teacher: nn.Module,
     tokenizer,
@@ -233,7 +243,7 @@ def teacher_cache_fingerprint(
         "data_columns": columns,
         "num_rows": len(dataset),
         "max_length": max_length,
-        "spec": asdict(spec),
+        "spec": spec_key(spec),
         "collator": describe(collator) if collator is not None else None,
         "padding_side": resolve_padding_side(collator, tokenizer, padding_side),
     }
