@@ -77,7 +77,23 @@ from .hub import (
     student_card,
 )
 from .layer_mapping import build_layer_matches, build_projections, resolve_layer_pairs
-from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES, binary_kl_div_loss
+from .losses import (
+    ATTENTION_LOSSES,
+    FUSED_DIVERGENCES,
+    HIDDEN_LOSSES,
+    KD_LOGIT_LOSSES,
+    LM_LOGIT_LOSSES,
+    LOGIT_LOSSES,
+    MULTI_LABEL_LOGIT_LOSSES,
+    binary_kl_div_loss,
+    chunked_logit_loss,
+    fused_linear_cross_entropy,
+    fused_linear_distill_loss,
+    generalized_jsd_loss,
+    skew_kl_loss,
+    skew_reverse_kl_loss,
+    total_variation_loss,
+)
 from .losses.task import task_loss
 from .models import check_max_length, load_or_make_student, load_student, load_teacher
 from .placement import prepare_teacher, teacher_placement
@@ -103,7 +119,10 @@ __all__ = [
     "DistillArgs",
     "DistillationTrainer",
     "Features",
+    "FUSED_DIVERGENCES",
     "HIDDEN_LOSSES",
+    "KD_LOGIT_LOSSES",
+    "LM_LOGIT_LOSSES",
     "LOGIT_LOSSES",
     "LabelInfo",
     "LayerMatch",
@@ -130,6 +149,7 @@ __all__ = [
     "check_max_length",
     "check_recipe_keys",
     "check_transfer_weights",
+    "chunked_logit_loss",
     "classification_metrics",
     "corpus_vocabulary",
     "data_digest",
@@ -139,6 +159,9 @@ __all__ = [
     "eda_edit",
     "encode_labels",
     "forward_with_features",
+    "fused_linear_cross_entropy",
+    "fused_linear_distill_loss",
+    "generalized_jsd_loss",
     "get_layers",
     "has_cached_teacher",
     "label_info",
@@ -173,6 +196,8 @@ __all__ = [
     "resolve_recipe_paths",
     "row_counts",
     "run_settings",
+    "skew_kl_loss",
+    "skew_reverse_kl_loss",
     "save_student",
     "save_student_from_trainer",
     "student_card",
@@ -184,6 +209,7 @@ __all__ = [
     "teacher_weights_digest",
     "tokenize_dataset",
     "tokenizer_digest",
+    "total_variation_loss",
     "SearchDimension",
     "TuneArgs",
     "TuneConfig",

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .losses import ATTENTION_LOSSES, FUSED_DIVERGENCES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
 from .transfer import check_augment, check_unlabelled_source, transfer_source, unlabelled_source
 
 LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
@@ -21,6 +21,12 @@ TEACHER_CACHE_DTYPES = ("float16", "float32")
 DISTILL_ON = ("labels", "all_tokens")
 # The values of `PretrainedConfig.problem_type`; `DataArguments.problem_type` picks one (None: from the labels).
 PROBLEM_TYPES = ("single_label_classification", "regression", "multi_label_classification")
+# The logit losses that take a parameter of their own: loss -> (its keyword, the DistillationConfig field giving it).
+LOGIT_LOSS_PARAMETERS = {
+    "generalized_jsd": ("beta", "jsd_beta"),
+    "skew_kl": ("alpha", "skew_alpha"),
+    "skew_reverse_kl": ("alpha", "skew_alpha"),
+}
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,38 @@ class DistillationConfig(TrainingArguments):
         attention_weight (`float`, defaults to `0.0`):
             Weight of attention-probability matching over the pairings of `layer_mapping` (TinyBERT, MiniLM).
         logits_loss (`str`, defaults to `"kl"`):
-            Logit divergence: `kl` (forward KL(teacher||student)), `reverse_kl`, `jsd` (Jensen-Shannon, beta 0.5) or
-            `mse` on raw logits. Regression heads need `mse` (a softmax over one output is constant: the trainer
-            refuses the others); multi-label heads take `kl` (per-class sigmoid KL, `binary_kl_div_loss`) or `mse`.
+            Logit divergence (a key of `KD_LOGIT_LOSSES`): `kl` (forward KL(teacher||student)), `reverse_kl`, `jsd`
+            (Jensen-Shannon, beta 0.5), `mse` on raw logits, or one of the LM divergences: `generalized_jsd` (GKD's
+            generalized JSD, teacher weight `jsd_beta`), `total_variation`, `skew_kl` / `skew_reverse_kl`
+            (DistiLLM's skew KLs, skew `skew_alpha`). All but `mse` are softmax divergences times T². Regression heads
+            need `mse` (a softmax over one output is constant: the trainer refuses the others); multi-label heads
+            take `kl` (per-class sigmoid KL, `binary_kl_div_loss`) or `mse`.
+        jsd_beta (`float`, defaults to `0.5`):
+            `generalized_jsd` only: the teacher's weight beta in [0, 1], TRL's convention (`GKDConfig.beta`):
+            `m = beta p_T + (1 - beta) p_S`, loss `beta KL(p_T||m) + (1 - beta) KL(p_S||m)`; 0 is the forward KL,
+            1 the reverse KL, 0.5 the symmetric JSD (= `jsd`). Ignored by the other losses.
+        skew_alpha (`float`, defaults to `0.1`):
+            `skew_kl` / `skew_reverse_kl` only: the skew alpha in [0, 1) (DistiLLM uses 0.1): `KL(p_T || alpha p_T +
+            (1 - alpha) p_S)`, resp. `KL(p_S || alpha p_S + (1 - alpha) p_T)`; 0 is the plain KL. Ignored by the
+            other losses.
+        logits_chunk_size (`int`, *optional*):
+            Token-level students: compute the logit term over chunks of this many scored positions
+            (`chunked_logit_loss`: each chunk's fp32 softmax intermediates and gradient at once, so a (tokens x
+            vocabulary) divergence keeps one chunk of intermediates alive instead of several full copies; the logits
+            themselves still exist). Same value and gradients as unchunked, up to summation order. With
+            `fused_lm_head` it is the fused functions' chunk size (default 1024 there). `None`: unchunked. Sequence
+            classifiers refuse it (their logits are (rows x classes)).
+        fused_lm_head (`bool`, defaults to `False`):
+            Causal-LM student and teacher: never materialise either model's (tokens x vocabulary) logits in training.
+            Both models run with `logits_to_keep` empty (their LM heads see zero positions) and their last hidden
+            states are kept; the logit term is `fused_linear_distill_loss` over both LM heads' weights (and biases)
+            and the task term `fused_linear_cross_entropy` over the student's, a chunk of scored positions at a time.
+            Values and gradients equal the plain path's up to summation order; hidden / embedding / attention terms
+            are unchanged. Needs a divergence with a fused form (all but `mse`), no teacher cache, and models whose
+            logits are a plain linear head of the last hidden state (refused otherwise: soft-capping, logit scales,
+            ...), not sharded by FSDP or DeepSpeed ZeRO-3. Evaluation computes the same fused losses; when metrics
+            need predictions (`compute_metrics`, `predict()`), the student's logits of the batch are computed from
+            its hidden states under no_grad, for those metrics only.
         hidden_loss (`str`, defaults to `"mse"`):
             Hidden-state loss: `mse` or `cosine` (DistilBERT's cosine embedding loss).
         attention_loss (`str`, defaults to `"mse"`):
@@ -127,7 +162,25 @@ class DistillationConfig(TrainingArguments):
     hidden_weight: float = field(default=0.0, metadata={"help": "Weight of hidden-state matching."})
     embeddings_weight: float = field(default=0.0, metadata={"help": "Weight of embedding-layer matching."})
     attention_weight: float = field(default=0.0, metadata={"help": "Weight of attention-probability matching."})
-    logits_loss: str = field(default="kl", metadata={"help": f"Logit divergence, one of {sorted(LOGIT_LOSSES)}."})
+    logits_loss: str = field(default="kl", metadata={"help": f"Logit divergence, one of {sorted(KD_LOGIT_LOSSES)}."})
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "generalized_jsd: teacher weight in [0, 1] (TRL's beta): 0 forward KL, 1 reverse KL."},
+    )
+    skew_alpha: float = field(
+        default=0.1, metadata={"help": "skew_kl / skew_reverse_kl: skew in [0, 1) (DistiLLM: 0.1); 0 is the plain KL."}
+    )
+    logits_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Token-level students: compute the logit term over chunks of this many positions."},
+    )
+    fused_lm_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Causal LMs: compute the logit and task terms from the last hidden states and LM heads, a chunk "
+            "at a time, never materialising the (tokens x vocabulary) logits in training."
+        },
+    )
     hidden_loss: str = field(default="mse", metadata={"help": f"Hidden-state loss, one of {sorted(HIDDEN_LOSSES)}."})
     attention_loss: str = field(
         default="mse", metadata={"help": f"Attention loss on probabilities, one of {sorted(ATTENTION_LOSSES)}."}
@@ -193,7 +246,7 @@ class DistillationConfig(TrainingArguments):
                 "Set e.g. task_weight=0.5 and logits_weight=0.5."
             )
         for name, table in (
-            ("logits_loss", LOGIT_LOSSES),
+            ("logits_loss", KD_LOGIT_LOSSES),
             ("hidden_loss", HIDDEN_LOSSES),
             ("attention_loss", ATTENTION_LOSSES),
         ):
@@ -211,7 +264,47 @@ class DistillationConfig(TrainingArguments):
                 "positions only, or 'all_tokens' for every real token."
             )
         parse_layer_mapping(self.layer_mapping)  # syntax check; ranges are checked against the models later
+        self._check_lm_distillation()
         self._check_teacher_cache()
+
+    def _check_lm_distillation(self) -> None:
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(
+                f"jsd_beta must be in [0, 1], got {self.jsd_beta}. It is the teacher's weight in generalized_jsd "
+                "(TRL's beta): 0 is the forward KL, 1 the reverse KL, 0.5 the symmetric JSD."
+            )
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError(
+                f"skew_alpha must be in [0, 1), got {self.skew_alpha}. 0 is the plain KL and 1 would make the skew "
+                "KLs 0 for every input; DistiLLM uses 0.1."
+            )
+        chunk = self.logits_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(
+                f"logits_chunk_size must be an int >= 1 or None, got {chunk!r}. Use e.g. 1024 (positions per chunk), "
+                "or None to compute the logit term in one piece."
+            )
+        if not self.fused_lm_head:
+            return
+        if self.logits_weight > 0 and self.logits_loss not in FUSED_DIVERGENCES:
+            raise ValueError(
+                f"fused_lm_head=True computes the logit term from the LM heads with a softmax divergence, but "
+                f"logits_loss={self.logits_loss!r} compares raw logits. Use one of {sorted(FUSED_DIVERGENCES)}, or "
+                "fused_lm_head=False."
+            )
+        if self.use_teacher_cache:
+            raise ValueError(
+                "fused_lm_head=True needs the teacher's last hidden states, but use_teacher_cache=True stores its "
+                "logits. Set use_teacher_cache=False (the teacher then runs each step), or fused_lm_head=False."
+            )
+
+    @property
+    def logits_loss_kwargs(self) -> dict[str, float]:
+        """The keyword of its own the chosen logit loss takes (`beta=jsd_beta`, `alpha=skew_alpha`), else `{}`."""
+        if self.logits_loss not in LOGIT_LOSS_PARAMETERS:
+            return {}
+        keyword, name = LOGIT_LOSS_PARAMETERS[self.logits_loss]
+        return {keyword: getattr(self, name)}
 
     def _check_teacher_cache(self) -> None:
         if self.teacher_cache_top_k is not None and self.teacher_cache_top_k < 1:
@@ -227,11 +320,13 @@ class DistillationConfig(TrainingArguments):
         if not self.use_teacher_cache:
             return
         top_k = self.teacher_cache_top_k
-        if top_k is not None and self.logits_weight > 0 and self.logits_loss in ("reverse_kl", "mse"):
+        reverse = self.logits_loss == "reverse_kl" or (self.logits_loss == "generalized_jsd" and self.jsd_beta == 1)
+        if top_k is not None and self.logits_weight > 0 and (reverse or self.logits_loss == "mse"):
+            beta = " with jsd_beta=1 (the reverse KL)" if self.logits_loss == "generalized_jsd" else ""
             raise ValueError(
                 f"teacher_cache_top_k={top_k} keeps only the teacher's top-k logits, on which "
-                f"logits_loss={self.logits_loss!r} is not defined (reverse KL is infinite outside the top-k, MSE "
-                "needs every logit). Use logits_loss='kl' or 'jsd', or teacher_cache_top_k=None."
+                f"logits_loss={self.logits_loss!r}{beta} is not defined (reverse KL is infinite outside the top-k, "
+                "MSE needs every logit). Use logits_loss='kl' or 'jsd', or teacher_cache_top_k=None."
             )
         if self.attention_weight > 0 and not self.teacher_cache_attentions:
             raise ValueError(

@@ -2,49 +2,39 @@
 
 from __future__ import annotations
 
-import os
-from functools import partial
 from typing import Any
 
 import torch
-from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, Trainer, set_seed
 from transformers.trainer_utils import number_of_arguments
 from transformers.utils import logging
 
-from .cache import (
-    TeacherCache,
-    TeacherCacheCollator,
-    TeacherCacheSpec,
-    attach_teacher_cache,
-    build_teacher_cache,
-    cached_teacher_features,
-    has_cached_teacher,
-)
+from .cache import TeacherCache, cached_teacher_features, has_cached_teacher
 from .config import DistillationConfig, LayerMatch
 from .features import check_attention_compatible, forward_with_features
 from .layer_mapping import build_layer_matches, build_projections, hidden_size
-from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
+from .logit_term import (
+    check_fused_lm_head,
+    check_head_logit_loss,
+    fused_logit_term,
+    fused_task_term,
+    last_hidden_states,
+    logit_term,
+    logits_from_hidden,
+    no_positions,
+)
+from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
 from .losses.task import labelled_float_rows, task_loss
-from .placement import prepare_teacher
+from .placement import prepare_teacher, teacher_placement
 from .preflight import (
     SAMPLE_TEXTS,
     forward_arg_names,
     preflight_models,
-    preflight_problem_type,
     preflight_segment_ids,
     preflight_tokenizers,
 )
-from .projections import (
-    PROJECTIONS_NAME,
-    ZeroProjectionGrads,
-    average_projection_grads,
-    clip_with_projections,
-    projection_param_groups,
-    read_projections,
-    save_projections,
-)
+from .projections import PROJECTIONS_NAME, ZeroProjectionGrads
 from .student import num_layers
 from .tasks import (
     MULTI_LABEL,
@@ -56,6 +46,9 @@ from .tasks import (
     resolve_problem_type,
 )
 from .term_metrics import NonFiniteLossError, NonFiniteLossGuard, TermMetrics
+from .trainer_data import TeacherDataMixin
+from .trainer_logging import TermLoggingMixin
+from .trainer_projections import ProjectionsMixin
 
 logger = logging.get_logger(__name__)
 
@@ -68,7 +61,7 @@ NUM_COUNTS = 4
 __all__ = ["PROJECTIONS_NAME", "SAMPLE_TEXTS", "DistillationTrainer", "NonFiniteLossError", "forward_arg_names"]
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, Trainer):
     """Trains `model` (the student) to imitate a frozen `teacher_model`.
 
     The loss is `sum_k args.<k>_weight * loss_k` over the terms task, logits, hidden, embeddings and attention (see
@@ -86,6 +79,12 @@ class DistillationTrainer(Trainer):
     The task follows the student's head, under any PEFT wrapper: causal LMs shift their labels; sequence classifiers
     use `config.problem_type` (else inferred as transformers does): single-label (cross-entropy + softmax KD),
     regression (MSE + MSE between the outputs) or multi-label (binary cross-entropy + per-class sigmoid KD).
+
+    The logit term is `KD_LOGIT_LOSSES[args.logits_loss]` (forward / reverse KL, JSD, generalized JSD, total
+    variation, skew KLs, MSE) with its own parameter (`jsd_beta`, `skew_alpha`). For large vocabularies,
+    `logits_chunk_size` computes it a chunk of positions at a time, and `fused_lm_head` (causal LMs) computes it and
+    the task term from both models' last hidden states and LM heads, without any (tokens x vocabulary) logits in
+    training (see `hf_distill.logit_term`).
 
     The teacher is frozen, in eval mode, run under `torch.no_grad()`, never in the optimizer, never wrapped in DDP,
     and placed on the student's device (in `args.teacher_dtype` if set). The trainer takes the teacher over: these
@@ -142,7 +141,12 @@ class DistillationTrainer(Trainer):
         preflight_segment_ids(train_dataset, processing_class, teacher_model, model)
         self._sequence_level = is_sequence_classifier(model)
         self.problem_type = resolve_problem_type(model, teacher_model, train_dataset) if self._sequence_level else None
-        preflight_problem_type(self.problem_type, args)
+        check_head_logit_loss(self.problem_type, args)
+        if args.logits_chunk_size is not None and self._sequence_level:
+            raise ValueError(
+                f"logits_chunk_size={args.logits_chunk_size} chunks a token-level logit term over positions, but the "
+                f"student ({type(model).__name__}) has one row of logits per sequence. Set logits_chunk_size=None."
+            )
         if self.problem_type is not None and getattr(model.config, "problem_type", None) is None:
             # Saved with the student, so pipelines read its outputs right (sigmoid per class for multi-label).
             model.config.problem_type = self.problem_type
@@ -200,6 +204,10 @@ class DistillationTrainer(Trainer):
         self._student_inputs = forward_arg_names(model)
         # Decided from the model under any PEFT wrapper: a PeftModelForCausalLM wraps a causal LM.
         self._shift_labels = is_causal_lm(model)
+        self._fused_lm_head = args.fused_lm_head
+        if self._fused_lm_head:
+            check_fused_lm_head(model, self.teacher, teacher_placement(self.accelerator))
+        self._logits_for_metrics = True  # False while prediction_step keeps the loss only (see compute_loss)
         self._term_metrics = TermMetrics(TERMS, self.args.device)
         self._term_mode, self._term_prefix = "train", "eval"  # which buffer compute_loss fills, and its log prefix
         self._nonfinite_guard = NonFiniteLossGuard(TERMS)
@@ -236,73 +244,10 @@ class DistillationTrainer(Trainer):
             )
         if self.problem_type is not None and getattr(self.model.config, "problem_type", None) is None:
             self.model.config.problem_type = self.problem_type
-        if len(self.projections):
-            # Every run starts from the same projections, whatever the runs before it trained them to.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.args.seed)
-                fresh = build_projections(
-                    self.layer_matches,
-                    hidden_size(self.model.config),
-                    hidden_size(self.teacher.config),
-                    embeddings="embeddings" in self.projections,
-                )
-            self.projections.load_state_dict(fresh.state_dict())
+        self._reset_projections()
         self._term_metrics.clear("train")  # a failed trial may have left terms behind
 
     # ---------------------------------------------------------------- data plumbing
-    def _attach_teacher_cache(self) -> TeacherCache | None:
-        """Build or look up the teacher cache of train_dataset; train from it (see `hf_distill.cache`)."""
-        args = self.args
-        if not isinstance(self.train_dataset, Dataset):
-            raise ValueError(
-                f"use_teacher_cache=True needs train_dataset to be a datasets.Dataset, got "
-                f"{type(self.train_dataset).__name__}. Pass a datasets.Dataset or set use_teacher_cache=False."
-            )
-        if not any(getattr(args, f"{t}_weight") > 0 for t in TERMS if t != "task"):
-            return None  # nothing of the teacher's is used
-        spec = TeacherCacheSpec(
-            logits=args.logits_weight > 0,
-            top_k=args.teacher_cache_top_k,
-            hidden_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "hidden"],
-            attention_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "attention"],
-            embeddings=args.embeddings_weight > 0,
-            dtype=args.teacher_cache_dtype,
-        )
-        # The collator gets, at train time, the columns `remove_unused_columns` keeps: the build collates the same,
-        # so the cached teacher sees every input the collator makes of them (an attention_mask it adds, ...).
-        columns = list(self.train_dataset.column_names)
-        if args.remove_unused_columns:
-            self._set_signature_columns_if_needed()
-            columns = [c for c in columns if c in self._signature_columns]
-            self._signature_columns = None  # recomputed with the cache's columns once the cache exists
-        with args.main_process_first(desc="teacher cache"):
-            cache = build_teacher_cache(
-                self.teacher,
-                self.train_dataset,
-                self.data_collator,
-                cache_dir=args.teacher_cache_dir or os.path.join(args.output_dir, "teacher_cache"),
-                spec=spec,
-                tokenizer=self.processing_class,
-                batch_size=args.per_device_eval_batch_size,
-                columns=columns,
-            )
-        # The cache was keyed by this very dataset's contents, so attaching it needs no second hash.
-        self.train_dataset = attach_teacher_cache(self.train_dataset, cache, verify=False)
-        self.data_collator = TeacherCacheCollator(self.data_collator, cache.layouts, cache.padding_side)
-        return cache
-
-    def _set_signature_columns_if_needed(self):
-        # Keep what either model consumes: `remove_unused_columns` would otherwise drop columns only the teacher
-        # reads (e.g. token_type_ids for a BERT teacher of a DistilBERT student), and the teacher cache's columns.
-        if self._signature_columns is None:
-            super()._set_signature_columns_if_needed()
-            teacher_columns = forward_arg_names(self.teacher) if hasattr(self, "teacher") else set()
-            cache = getattr(self, "teacher_cache", None)
-            cache_columns = list(cache.layouts) if cache is not None else []
-            self._signature_columns = list(
-                dict.fromkeys([*self._signature_columns, *sorted(teacher_columns), *cache_columns])
-            )
-
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Counts over the whole gradient-accumulation window: rows, labelled items, real tokens, scored positions.
 
@@ -377,15 +322,22 @@ class DistillationTrainer(Trainer):
         attention = [m for m in self.layer_matches if m.feature == "attention"]
         embeddings = args.embeddings_weight > 0
 
+        # With fused_lm_head the models' LM heads run on no position and their inputs, the last hidden states, are
+        # kept instead: `last_hidden_states` hooks the decoder bodies (see hf_distill.logit_term).
+        fused = self._fused_lm_head
         student_inputs = {k: v for k, v in inputs.items() if k in self._student_inputs and k != "labels"}
-        student = forward_with_features(
-            model,
-            student_inputs,
-            hidden_layers=sorted({m.student_layer for m in hidden}),
-            attention_layers=sorted({m.student_layer for m in attention}),
-            embeddings=embeddings,
-        )
+        if fused:
+            student_inputs["logits_to_keep"] = no_positions(inputs["input_ids"].device)
+        with last_hidden_states(model, enabled=fused) as student_last:
+            student = forward_with_features(
+                model,
+                student_inputs,
+                hidden_layers=sorted({m.student_layer for m in hidden}),
+                attention_layers=sorted({m.student_layer for m in attention}),
+                embeddings=embeddings,
+            )
         s_logits = student.outputs.logits
+        s_hidden = student_last.get("hidden")
         token_level = s_logits.dim() == 3
         if token_level == self._sequence_level:
             raise ValueError(
@@ -396,6 +348,7 @@ class DistillationTrainer(Trainer):
                 "task_type)."
             )
         needs_teacher = any(getattr(args, f"{t}_weight") > 0 for t in TERMS if t != "task")
+        teacher_last: dict[str, torch.Tensor] = {}
         if needs_teacher and has_cached_teacher(inputs):
             teacher = cached_teacher_features(
                 inputs,
@@ -407,7 +360,9 @@ class DistillationTrainer(Trainer):
             )
         elif needs_teacher:
             teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_inputs and k != "labels"}
-            with torch.no_grad():
+            if fused:
+                teacher_inputs["logits_to_keep"] = student_inputs["logits_to_keep"]
+            with torch.no_grad(), last_hidden_states(self.teacher, enabled=fused) as teacher_last:
                 teacher = forward_with_features(
                     self.teacher,
                     teacher_inputs,
@@ -427,31 +382,37 @@ class DistillationTrainer(Trainer):
         window: dict[str, torch.Tensor | None] = {}
         if args.task_weight > 0 and labels is not None:
             window["task"] = counts[LABELS] if counts is not None else None
-            terms["task"] = task_loss(
-                s_logits,
-                labels,
-                shift_labels=self._shift_labels,
-                num_items_in_batch=window["task"],
-                problem_type=problem_type,
-            )
+            if fused:
+                terms["task"] = fused_task_term(model, s_hidden, labels, args, window["task"])
+            else:
+                terms["task"] = task_loss(
+                    s_logits,
+                    labels,
+                    shift_labels=self._shift_labels,
+                    num_items_in_batch=window["task"],
+                    problem_type=problem_type,
+                )
             micro["task"] = self._label_count(labels)
         if args.logits_weight > 0:
             if self.problem_type is None and problem_type is not None:
-                preflight_problem_type(problem_type, args)  # known only now, from the labels' dtype
+                check_head_logit_loss(problem_type, args)  # known only now, from the labels' dtype
             positions = self._logit_positions(labels, mask) if token_level else None
             if token_level:
-                micro["logits"] = positions.sum() if positions is not None else s_logits.shape[0] * s_logits.shape[1]
+                every = (s_hidden if fused else s_logits).shape[:2].numel()
+                micro["logits"] = positions.sum() if positions is not None else every
             else:
                 micro["logits"] = rows
             window["logits"] = counts[KD_POSITIONS] if counts is not None else None
-            table = MULTI_LABEL_LOGIT_LOSSES if problem_type == MULTI_LABEL else LOGIT_LOSSES
-            terms["logits"] = table[args.logits_loss](
-                s_logits,
-                teacher.outputs.logits,
-                positions,
-                temperature=args.temperature,
-                num_items_in_batch=window["logits"],
-            )
+            if fused:
+                t_hidden = teacher_last["hidden"]
+                terms["logits"] = fused_logit_term(
+                    model, self.teacher, s_hidden, t_hidden, positions, args, window["logits"]
+                )
+            else:
+                table = MULTI_LABEL_LOGIT_LOSSES if problem_type == MULTI_LABEL else KD_LOGIT_LOSSES
+                terms["logits"] = logit_term(
+                    s_logits, teacher.outputs.logits, positions, args, table, window["logits"]
+                )
         # Feature matching compares representations of every real token, whatever `distill_on` says.
         if hidden:
             terms["hidden"] = _weighted_mean(
@@ -507,6 +468,9 @@ class DistillationTrainer(Trainer):
 
         if return_outputs:
             outputs = student.outputs
+            if fused and self._logits_for_metrics:
+                # Evaluation with metrics needs the predictions: the one place fused mode makes the logits.
+                outputs["logits"] = logits_from_hidden(model, s_hidden)
             # prediction_step hands every output but the loss to compute_metrics: keep the logits only.
             for key in ("hidden_states", "attentions"):
                 if key in outputs:
@@ -515,90 +479,13 @@ class DistillationTrainer(Trainer):
             return loss, outputs
         return loss
 
-    def _project(self, key: str, student_features: torch.Tensor) -> torch.Tensor:
-        if key in self.projections:
-            layer = self.projections[key]
-            return layer(student_features.to(layer.weight.dtype))
-        return student_features
-
-    # ---------------------------------------------------------------- projections: optimizer, DDP, checkpoints
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if len(self.projections):
-            already = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if not any(id(p) in already for p in self.projections.parameters()):
-                # As the Trainer does for the student: no weight decay on biases (nor on norm layers, if any).
-                decay = self.get_decay_parameter_names(self.projections)
-                for group in projection_param_groups(self.projections, decay, self.args.weight_decay):
-                    optimizer.add_param_group(group)
-        return optimizer
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if len(self.projections) and self.accelerator.num_processes > 1:
-            # The projections live outside the DDP-wrapped student, so DDP does not average their gradients.
-            average_projection_grads(self.projections, self.accelerator.num_processes)
-        return loss
-
-    def _clip_grad_norm(self, model):
-        """Clip the student's and the projections' gradients by one global norm; returns that pre-clip norm."""
-        if not len(self.projections):
-            return super()._clip_grad_norm(model)
-        # The student's norm as the Trainer computes it (DDP, FSDP shards, mixed meshes), without clipping: the
-        # accelerator call unscales fp16 gradients once, the projections' too (they are in the same optimizer).
-        if self._has_mixed_mesh_grads(model):
-            student_norm = self._mixed_mesh_grad_norm(model, float("inf"))
-        else:
-            student_norm = self.accelerator.clip_grad_norm_(model.parameters(), float("inf"))
-        return clip_with_projections(student_norm, model.parameters(), self.projections, self.args.max_grad_norm)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if len(self.projections) and self.args.should_save:
-            save_projections(self.projections, [m.key for m in self.layer_matches], output_dir)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        state = None
-        if checkpoint is not None:
-            # Checked before the optimizer state: a changed mapping changes the projections, hence the groups.
-            keys = [m.key for m in self.layer_matches]
-            state = read_projections(checkpoint, self.projections, keys, self.args.layer_mapping, self.args.device)
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if state is not None and len(self.projections):
-            self.projections.load_state_dict(state)
-
-    # ---------------------------------------------------------------- logging
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Every process reaches each log (the Trainer's own loss logging is a collective too), so the terms are
-        # summed over processes here: one collective and one host sync per log, none per micro-step.
-        logs.update(self._pop_terms(self._term_mode, self._term_prefix))  # in place: `evaluate()` returns this dict
-        super().log(logs, start_time)
-
-    def _pop_terms(self, mode: str, prefix: str) -> dict[str, float]:
-        reduce = partial(self.accelerator.reduce, reduction="sum") if self.accelerator.num_processes > 1 else None
-        terms = self._term_metrics.pop(mode, reduce)
-        return terms if mode == "train" else {f"{prefix}_{key}": value for key, value in terms.items()}
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        previous = self._term_mode, self._term_prefix
-        self._term_mode, self._term_prefix = "eval", metric_key_prefix
-        self._term_metrics.clear("eval")
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # With fused_lm_head, compute_loss makes the student's logits only when the predictions are kept.
+        self._logits_for_metrics = not prediction_loss_only
         try:
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         finally:
-            self._term_mode, self._term_prefix = previous
-
-    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
-        """`Trainer.predict`, with each term's mean added to the returned metrics as `<prefix>_loss_<term>`."""
-        previous = self._term_mode, self._term_prefix
-        self._term_mode, self._term_prefix = "predict", metric_key_prefix
-        self._term_metrics.clear("predict")  # predictions have their own buffer: nothing leaks into a later log
-        try:
-            output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-            output.metrics.update(self._pop_terms("predict", metric_key_prefix))
-            return output
-        finally:
-            self._term_mode, self._term_prefix = previous
+            self._logits_for_metrics = True
 
 
 def _weighted_mean(values: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

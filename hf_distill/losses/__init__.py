@@ -1,6 +1,10 @@
-"""Distillation losses: pure functions of tensors, looked up by name in four plain dicts.
+"""Distillation losses: pure functions of tensors, looked up by name in plain dicts.
 
 - ``LOGIT_LOSSES``: ``fn(student_logits, teacher_logits, mask=None, *, temperature=1.0, num_items_in_batch=None)``
+- ``KD_LOGIT_LOSSES``: every value of ``DistillationConfig.logits_loss``: ``LOGIT_LOSSES`` plus the LM divergences of
+  ``lm.py`` (``generalized_jsd`` takes ``beta=``, ``skew_kl`` / ``skew_reverse_kl`` take ``alpha=``)
+- ``LM_LOGIT_LOSSES``: the LM divergences under the names ``fused_linear_distill_loss`` takes; ``FUSED_DIVERGENCES``
+  maps ``logits_loss`` names to them
 - ``HIDDEN_LOSSES``: ``fn(student_hidden, teacher_hidden, mask=None, *, num_items_in_batch=None)``
 - ``ATTENTION_LOSSES``: ``fn(student_attn, teacher_attn, mask=None, *, num_items_in_batch=None)``
 - ``MULTI_LABEL_LOGIT_LOSSES``: the logit losses of multi-label heads (per-class sigmoid), signature of
@@ -11,7 +15,16 @@ positions or by ``num_items_in_batch`` when given.
 """
 
 from hf_distill.losses.attention import attention_kl_loss, attention_mse_loss
+from hf_distill.losses.chunked import chunked_logit_loss, fused_linear_distill_loss
+from hf_distill.losses.fused_ce import fused_linear_cross_entropy
 from hf_distill.losses.hidden import hidden_cosine_loss, hidden_mse_loss
+from hf_distill.losses.lm import (
+    LM_LOGIT_LOSSES,
+    generalized_jsd_loss,
+    skew_kl_loss,
+    skew_reverse_kl_loss,
+    total_variation_loss,
+)
 from hf_distill.losses.logits import (
     binary_kl_div_loss,
     jsd_loss,
@@ -25,19 +38,48 @@ HIDDEN_LOSSES = {"mse": hidden_mse_loss, "cosine": hidden_cosine_loss}
 ATTENTION_LOSSES = {"mse": attention_mse_loss, "kl": attention_kl_loss}
 # Multi-label heads: each class is its own yes/no decision, so `kl` is the per-class sigmoid KL (same signature).
 MULTI_LABEL_LOGIT_LOSSES = {"kl": binary_kl_div_loss, "mse": logits_mse_loss}
+# The table `DistillationConfig.logits_loss` picks from (`kl` stays the forward KL, `jsd` the beta = 0.5 JSD).
+KD_LOGIT_LOSSES = {
+    **LOGIT_LOSSES,
+    "generalized_jsd": generalized_jsd_loss,
+    "total_variation": total_variation_loss,
+    "skew_kl": skew_kl_loss,
+    "skew_reverse_kl": skew_reverse_kl_loss,
+}
+# `logits_loss` -> the `fused_linear_distill_loss` divergence that computes it from the LM heads (`jsd` is the
+# generalized JSD at beta = 0.5; `mse` compares raw logits and has no fused form).
+FUSED_DIVERGENCES = {
+    "kl": "forward_kl",
+    "reverse_kl": "reverse_kl",
+    "jsd": "generalized_jsd",
+    "generalized_jsd": "generalized_jsd",
+    "total_variation": "total_variation",
+    "skew_kl": "skew_kl",
+    "skew_reverse_kl": "skew_reverse_kl",
+}
 
 __all__ = [
     "ATTENTION_LOSSES",
+    "FUSED_DIVERGENCES",
     "HIDDEN_LOSSES",
+    "KD_LOGIT_LOSSES",
+    "LM_LOGIT_LOSSES",
     "LOGIT_LOSSES",
     "MULTI_LABEL_LOGIT_LOSSES",
     "attention_kl_loss",
     "attention_mse_loss",
     "binary_kl_div_loss",
+    "chunked_logit_loss",
+    "fused_linear_cross_entropy",
+    "fused_linear_distill_loss",
+    "generalized_jsd_loss",
     "hidden_cosine_loss",
     "hidden_mse_loss",
     "jsd_loss",
     "kl_div_loss",
     "logits_mse_loss",
     "reverse_kl_div_loss",
+    "skew_kl_loss",
+    "skew_reverse_kl_loss",
+    "total_variation_loss",
 ]
