@@ -59,10 +59,10 @@ from hf_distill.cache import (  # noqa: E402
     build_teacher_cache,
     cached_teacher_features,
 )
-from hf_distill.config import display_path  # noqa: E402
 from hf_distill.files import write_text_atomic  # noqa: E402
 from hf_distill.losses import kl_div_loss  # noqa: E402
 from hf_distill.losses.sparse import sparse_kl_loss  # noqa: E402
+from hf_distill.recipes import display_path  # noqa: E402
 
 WAYS = ("sparse", "renormalised")
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct, de-quantised from its 4-bit GGUF (../shared/tools/offline_models.py)"

@@ -90,8 +90,8 @@ def main(argv=None):
     import transformers
 
     from hf_distill import ModelArguments, load_teacher
-    from hf_distill.config import display_path
     from hf_distill.files import write_text_atomic
+    from hf_distill.recipes import display_path
     from hf_distill.tune import tune_distillation
     from hf_distill.tune_recipe import parse_tune_args
 

@@ -1,5 +1,6 @@
 """hf-distill: knowledge distillation for Hugging Face Transformers."""
 
+from .arguments import DataArguments, ModelArguments, RunArguments
 from .augment import (
     AUGMENT_METHODS,
     augment_dataset,
@@ -15,6 +16,7 @@ from .augment import (
 )
 from .benchmark import BenchmarkConfig, load_benchmark_config, run_benchmark
 from .cache import (
+    SparseTeacherLogits,
     TeacherCache,
     TeacherCacheCollator,
     TeacherCacheSpec,
@@ -33,19 +35,7 @@ from .cache import (
     tokenizer_digest,
 )
 from .cli import DistillArgs, parse_distill_args
-from .config import (
-    DataArguments,
-    DistillationConfig,
-    LayerMatch,
-    ModelArguments,
-    RunArguments,
-    check_recipe_keys,
-    display_path,
-    load_recipe,
-    parse_layer_mapping,
-    recipe_root,
-    resolve_recipe_paths,
-)
+from .config import DistillationConfig, LayerMatch, parse_layer_mapping
 from .data import (
     UNLABELLED_COLUMN,
     LabelInfo,
@@ -92,11 +82,14 @@ from .losses import (
     generalized_jsd_loss,
     skew_kl_loss,
     skew_reverse_kl_loss,
+    sparse_kl_loss,
+    sparse_teacher_distribution,
     total_variation_loss,
 )
 from .losses.task import task_loss
 from .models import check_max_length, load_or_make_student, load_student, load_teacher
 from .placement import prepare_teacher, teacher_placement
+from .recipes import check_recipe_keys, display_path, load_recipe, recipe_root, resolve_recipe_paths
 from .resume import RunConfigCallback, prepare_output_dir, run_settings
 from .student import default_student_layers, get_layers, make_student, num_layers
 from .trainer import DistillationTrainer, NonFiniteLossError
@@ -131,6 +124,7 @@ __all__ = [
     "NonFiniteLossError",
     "RunArguments",
     "RunConfigCallback",
+    "SparseTeacherLogits",
     "TeacherCache",
     "TeacherCacheCollator",
     "TeacherCacheSpec",
@@ -198,6 +192,8 @@ __all__ = [
     "run_settings",
     "skew_kl_loss",
     "skew_reverse_kl_loss",
+    "sparse_kl_loss",
+    "sparse_teacher_distribution",
     "save_student",
     "save_student_from_trainer",
     "student_card",

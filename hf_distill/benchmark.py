@@ -66,6 +66,8 @@ from transformers import (
     set_seed,
 )
 
+from .arguments import ModelArguments
+
 # Re-exported: configuration, stages and reporting live in their own modules; every name stays importable from here.
 from .benchmark_config import (  # noqa: F401
     BENCHMARK_PATH_FIELDS,
@@ -105,10 +107,11 @@ from .benchmark_stages import (  # noqa: F401
     total_train_steps,
     train_with_resume,
 )
-from .config import DistillationConfig, ModelArguments, load_recipe
+from .config import DistillationConfig
 from .data import row_counts
 from .evaluation import LATENCY_BATCH_SIZES, measure_latencies
 from .models import load_teacher
+from .recipes import load_recipe
 from .student import make_student
 from .trainer import DistillationTrainer
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from .config import DistillationConfig, load_recipe, recipe_root
+from .config import DistillationConfig
 from .data import check_transfer_weights
+from .recipes import load_recipe, recipe_root
 from .transfer import check_augment, check_unlabelled_source
 
 

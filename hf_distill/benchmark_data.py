@@ -13,9 +13,9 @@ from typing import Any
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
+from .arguments import DataArguments
 from .benchmark_config import BenchmarkConfig
 from .benchmark_stages import StageResult, resolve_teacher, total_train_steps
-from .config import DataArguments
 from .data import labelled_rows, load_task_dataset, num_labels_of, row_counts, tokenize_dataset
 from .transfer import AUGMENT_FIELDS, unlabelled_source
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from transformers import HfArgumentParser
 
-from .config import DataArguments, DistillationConfig, ModelArguments, RunArguments, load_recipe
+from .arguments import DataArguments, ModelArguments, RunArguments
+from .config import DistillationConfig
+from .recipes import load_recipe
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,16 @@
-"""Configuration: `DistillationConfig(TrainingArguments)`, the scripts' model and data arguments, `LayerMatch`."""
+"""Configuration: `DistillationConfig(TrainingArguments)` (the distillation objective and its checks) and `LayerMatch`.
+
+The scripts' other arguments (`ModelArguments`, `DataArguments`, `RunArguments`) are in `hf_distill.arguments`, and
+reading recipes (`load_recipe`, `check_recipe_keys`, ...) in `hf_distill.recipes`.
+"""
 
 from __future__ import annotations
 
-import difflib
-import os
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
-import yaml
 from transformers import TrainingArguments
 
 from .losses import ATTENTION_LOSSES, FUSED_DIVERGENCES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
-from .transfer import check_augment, check_unlabelled_source, transfer_source, unlabelled_source
 
 LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
@@ -139,6 +137,20 @@ class DistillationConfig(TrainingArguments):
         teacher_cache_top_k (`int`, *optional*):
             Cache only the teacher's k largest logits per position (for large vocabularies). The logit term then uses
             the teacher's distribution renormalised over those k entries; needs `logits_loss` `kl` or `jsd`.
+        teacher_cache_top_k_tail (`bool`, defaults to `False`):
+            With `teacher_cache_top_k` = k: store per position the teacher's top-k ids, their log-probabilities
+            `log_softmax(z / T)` at `temperature` and the log of the mass outside them (`8k + 4` bytes per token), and
+            make the logit term the forward KL against the teacher's (k + 1)-bucket distribution
+            (`sparse_kl_loss`): a proper distribution (the tail keeps the mass the top-k misses), whose KL is a
+            lower bound of the full-vocabulary KL (equal when the teacher has no mass outside its top-k), instead
+            of the KL against the teacher renormalised over its top-k. The logit term is this sparse KL whenever
+            the flag is set, whether the teacher is cached or runs live (`use_teacher_cache=False`, and evaluation,
+            which has no cache: the live logits are coarsened by `sparse_teacher_distribution` first), so training
+            and evaluation measure the same quantity with and without the cache. The cache is built for one
+            temperature: a run whose `temperature` differs from the cache's (a hyperparameter search, `model_init`)
+            is refused, not trained on a stale T. Needs `logits_loss="kl"`, a softmax head (no regression or
+            multi-label), and no `fused_lm_head`; `logits_chunk_size` does not chunk this term (it is computed in
+            one piece; the teacher side is only `(tokens, k)`).
         teacher_cache_dtype (`str`, defaults to `"float16"`):
             Storage dtype of cached hidden states, embeddings and attention maps: `float16` or `float32`.
         teacher_cache_attentions (`bool`, defaults to `False`):
@@ -207,6 +219,13 @@ class DistillationConfig(TrainingArguments):
     teacher_cache_top_k: int | None = field(
         default=None,
         metadata={"help": "Cache only the teacher's k largest logits per position (large vocabularies); None: all."},
+    )
+    teacher_cache_top_k_tail: bool = field(
+        default=False,
+        metadata={
+            "help": "With teacher_cache_top_k: cache the top-k log-probabilities at `temperature` plus the tail mass, "
+            "and train on the forward KL against that (k + 1)-bucket distribution (sparse_kl_loss), cached or live."
+        },
     )
     teacher_cache_dtype: str = field(
         default="float16",
@@ -317,6 +336,8 @@ class DistillationConfig(TrainingArguments):
                 f"teacher_cache_dtype must be one of {TEACHER_CACHE_DTYPES}, got {self.teacher_cache_dtype!r}. "
                 "Use 'float16' to halve the cache's size."
             )
+        if self.teacher_cache_top_k_tail:
+            self._check_top_k_tail()
         if not self.use_teacher_cache:
             return
         top_k = self.teacher_cache_top_k
@@ -333,6 +354,27 @@ class DistillationConfig(TrainingArguments):
                 f"attention_weight={self.attention_weight} with use_teacher_cache=True needs the teacher's attention "
                 "maps, which are not cached by default (heads x L x L per matched layer per row). Set "
                 "teacher_cache_attentions=True to cache them, or attention_weight=0, or use_teacher_cache=False."
+            )
+
+    def _check_top_k_tail(self) -> None:
+        # Checked whether or not the cache is on: the flag makes the logit term the sparse KL, cached or live.
+        if self.teacher_cache_top_k is None:
+            raise ValueError(
+                "teacher_cache_top_k_tail=True stores the teacher's top-k log-probabilities plus the tail mass, but "
+                "teacher_cache_top_k is None. Set teacher_cache_top_k (e.g. 32), or teacher_cache_top_k_tail=False."
+            )
+        if self.logits_loss != "kl":
+            raise ValueError(
+                f"teacher_cache_top_k_tail=True makes the logit term the forward KL against the teacher's top-k + "
+                f"tail distribution, but logits_loss={self.logits_loss!r}. Set logits_loss='kl', or "
+                "teacher_cache_top_k_tail=False (the top-k cache then renormalises the teacher over its top-k)."
+            )
+        if self.fused_lm_head:
+            raise ValueError(
+                "teacher_cache_top_k_tail=True computes the logit term from the student's logits and the teacher's "
+                "top-k + tail, which fused_lm_head=True (no logits, both LM heads) has no form of. Set "
+                "fused_lm_head=False (logits_chunk_size bounds the other terms' memory), or "
+                "teacher_cache_top_k_tail=False."
             )
 
     @property
@@ -355,308 +397,3 @@ def parse_layer_mapping(value: str) -> str | list[tuple[int, int]]:
             )
         pairs.append((int(parts[0]), int(parts[1])))
     return pairs
-
-
-@dataclass
-class ModelArguments:
-    """Which teacher to distill, into which student."""
-
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Teacher: a Hub id or a local directory with a fine-tuned model."}
-    )
-    student_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "An existing student (Hub id or directory). None builds one from the teacher's layers."},
-    )
-    student_num_layers: int | None = field(
-        default=None, metadata={"help": "Depth of the student built from the teacher (default: half the teacher)."}
-    )
-    student_layers: str | None = field(
-        default=None,
-        metadata={"help": "Teacher layers copied into the student, e.g. '0,2,4' (default: evenly spaced)."},
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer shared by teacher and student (default: the teacher's)."}
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Run modeling code shipped with a checkpoint (teacher, student, tokenizer)."},
-    )
-
-    def __post_init__(self):
-        if self.student_num_layers is not None and self.student_num_layers < 1:
-            raise ValueError(
-                f"student_num_layers must be >= 1, got {self.student_num_layers}. Use e.g. half the teacher's depth."
-            )
-        layers = self.student_layer_list
-        if self.student_model_name_or_path and (layers is not None or self.student_num_layers is not None):
-            given = "student_layers" if layers is not None else "student_num_layers"
-            raise ValueError(
-                f"student_model_name_or_path={self.student_model_name_or_path!r} loads an existing student, but "
-                f"{given}={getattr(self, given)!r} asks to build one from the teacher's layers. Drop {given}, or "
-                "drop student_model_name_or_path to build the student from the teacher."
-            )
-        if layers is not None and self.student_num_layers is not None and len(layers) != self.student_num_layers:
-            raise ValueError(
-                f"student_layers={self.student_layers!r} picks {len(layers)} teacher layers but "
-                f"student_num_layers={self.student_num_layers} asks for {self.student_num_layers}. Drop one of them "
-                f"(student_layers alone sets the depth), or set student_num_layers={len(layers)}."
-            )
-
-    @property
-    def student_layer_list(self) -> list[int] | None:
-        """`student_layers` as a list of ints (`None` if unset); a ValueError names the field if it does not parse."""
-        if self.student_layers is None or str(self.student_layers).strip() == "":
-            return None
-        try:
-            return [int(x) for x in str(self.student_layers).split(",")]
-        except ValueError as e:
-            raise ValueError(
-                f"student_layers must be comma-separated teacher layer indices like '0,2,4', got "
-                f"{self.student_layers!r}."
-            ) from e
-
-
-RESUME_CHOICES = ("auto", "never")
-
-
-@dataclass
-class RunArguments:
-    """What `scripts/distill.py` does with an `output_dir` that already holds checkpoints.
-
-    The settings that define a run are written to `<output_dir>/run_config.json` (and into every checkpoint) when
-    training starts; see `hf_distill.resume`.
-
-    Parameters:
-        resume (`str`, defaults to `"auto"`):
-            `auto`: resume from the last complete checkpoint if its recorded settings equal this run's, and refuse
-            (listing the differing fields) if they do not; `never`: never resume, and refuse to start if
-            `output_dir` already holds checkpoints (unless `overwrite_output_dir`).
-        overwrite_output_dir (`bool`, defaults to `False`):
-            Delete the checkpoints, `run_config.json` and the saved student of a previous run in `output_dir`, then
-            start from scratch.
-    """
-
-    resume: str = field(
-        default="auto",
-        metadata={
-            "help": "auto: resume from the last checkpoint if its settings match this run's (else refuse); never: "
-            "start from scratch (refused if output_dir holds checkpoints, unless overwrite_output_dir)."
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Delete a previous run's checkpoints, run_config.json and student in output_dir first."},
-    )
-
-    def __post_init__(self):
-        if self.resume not in RESUME_CHOICES:
-            raise ValueError(
-                f"resume must be one of {RESUME_CHOICES}, got {self.resume!r}. Use 'auto' to continue an interrupted "
-                "run, or 'never' (with overwrite_output_dir=true) to start over."
-            )
-
-
-@dataclass
-class DataArguments:
-    """Which data to train and evaluate on, and how to tokenize it."""
-
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, e.g. 'glue'."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Its configuration, e.g. 'sst2'."})
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
-    train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    eval_split: str = field(default="validation", metadata={"help": "Split used for evaluation."})
-    text_column: str = field(default="sentence", metadata={"help": "Column with the text."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
-    label_column: str = field(
-        default="label",
-        metadata={
-            "help": "Column with the labels: integer ids, class names (mapped to ids in sorted order), floats "
-            "(regression) or json lists (multi-label: 0/1 per class, or class names)."
-        },
-    )
-    problem_type: str | None = field(
-        default=None,
-        metadata={"help": f"Force the task, one of {PROBLEM_TYPES} (e.g. regression on integer scores); None: infer."},
-    )
-    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (longer ones are cut)."})
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use a fixed shuffled subset of this many training rows (seeded by `seed`)."}
-    )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
-    unlabelled_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Transfer set: a local .txt (one text a line) / .csv / .tsv / .json / .jsonl file of unlabelled "
-            "texts (the text column; labels, if any, are ignored). Its rows add only teacher terms to training."
-        },
-    )
-    unlabelled_split: str | None = field(
-        default=None,
-        metadata={"help": "Transfer set: a split of the Hub dataset `dataset_name` whose texts are used unlabelled."},
-    )
-    unlabelled_from_train: bool = field(
-        default=False,
-        metadata={
-            "help": "Transfer set: the training rows outside the `max_train_samples` subset, used without their "
-            "labels (needs max_train_samples)."
-        },
-    )
-    max_unlabelled_samples: int | None = field(
-        default=None, metadata={"help": "Use a seeded shuffled subset of this many unlabelled rows (unset: all)."}
-    )
-    augment_method: str | None = field(
-        default=None,
-        metadata={
-            "help": "Transfer set: augmented copies of the labelled training rows, labelled by the teacher only "
-            "(hf_distill.augment): 'eda' (one EDA edit each: swap, delete, insert or replace words; no model), one "
-            "of 'swap', 'delete', 'insert', 'replace', or 'mlm' (TinyBERT's masked-LM word replacement)."
-        },
-    )
-    augment_n_per_row: int = field(default=4, metadata={"help": "Augmented texts made per labelled row."})
-    augment_p: float | None = field(
-        default=None, metadata={"help": "Edit rate: EDA's alpha (default 0.1) or, for 'mlm', TinyBERT's 0.4."}
-    )
-    augment_top_k: int = field(default=15, metadata={"help": "'mlm': candidates per word (TinyBERT: 15)."})
-    augment_mlm_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "'mlm': a model with a trained masked-LM head, and its tokenizer."}
-    )
-    augment_cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "Store the augmented rows (Arrow) here, made once and reused (unset: made in memory)."},
-    )
-    max_augmented_samples: int | None = field(
-        default=None, metadata={"help": "Use a seeded shuffled subset of this many augmented rows (unset: all)."}
-    )
-
-    @property
-    def unlabelled_source(self) -> str | None:
-        """The field naming the transfer set (`unlabelled_file`, `unlabelled_split`, `unlabelled_from_train`)."""
-        return unlabelled_source(self)
-
-    def __post_init__(self):
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}. Use e.g. 128.")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(
-                f"problem_type must be one of {PROBLEM_TYPES} or unset, got {self.problem_type!r}. Leave it unset to "
-                "infer the task from the label column."
-            )
-        for name in ("max_train_samples", "max_eval_samples", "max_unlabelled_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or unset, got {value}. Leave it unset to use every row.")
-        check_unlabelled_source(self)
-        check_augment(self)
-
-    @property
-    def transfer_source(self) -> str | None:
-        """The field that adds teacher-only rows (an unlabelled source, else `augment_method`), or None."""
-        return transfer_source(self)
-
-
-SCRIPT_DATACLASSES = (ModelArguments, DataArguments, RunArguments, DistillationConfig)
-
-
-def check_recipe_keys(recipe: dict[str, Any], dataclass_types=SCRIPT_DATACLASSES, source: str = "recipe") -> None:
-    """Raise a ValueError for keys no dataclass knows, suggesting the closest valid key."""
-    valid = {f.name for dc in dataclass_types for f in fields(dc) if f.init}
-    unknown = [k for k in recipe if k not in valid]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
-        raise ValueError(
-            f"unknown key(s) in {source}: {', '.join(hints)}. Valid keys are the fields of "
-            f"{', '.join(dc.__name__ for dc in dataclass_types)}."
-        )
-
-
-# Recipe fields holding local paths, resolved against the recipe's root (see `load_recipe`).
-RECIPE_PATH_FIELDS = (
-    "train_file",
-    "validation_file",
-    "unlabelled_file",
-    "augment_cache_dir",
-    "output_dir",
-    "logging_dir",
-    "teacher_cache_dir",
-    "resume_from_checkpoint",
-)
-# Recipe fields holding a local directory or a Hub id (`org/name`): resolved only when they are a local path.
-RECIPE_MODEL_FIELDS = (
-    "teacher_model_name_or_path",
-    "student_model_name_or_path",
-    "tokenizer_name_or_path",
-    "augment_mlm_model_name_or_path",
-)
-ROOT_MARKERS = ("pyproject.toml", ".git")
-
-
-def recipe_root(path: str | os.PathLike) -> Path:
-    """The root a recipe's relative paths are resolved against: the nearest folder above the recipe holding a
-    `pyproject.toml` or `.git` (the repository the recipe belongs to), else the recipe's own folder."""
-    folder = Path(path).resolve().parent
-    for candidate in (folder, *folder.parents):
-        if any((candidate / marker).exists() for marker in ROOT_MARKERS):
-            return candidate
-    return folder
-
-
-def looks_local(value: str) -> bool:
-    # Hub ids are `name` or `org/name`; anything with more slashes, or starting like a path, is a local path.
-    return os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
-
-
-def resolve_recipe_paths(recipe: dict[str, Any], root: str | os.PathLike) -> dict[str, Any]:
-    """A copy of `recipe` whose relative path-valued fields are made absolute against `root` (`~` expanded).
-
-    `RECIPE_PATH_FIELDS` are always local paths. `RECIPE_MODEL_FIELDS` are resolved when they look like a local path
-    (absolute, `./`, `../`, `~`, or more than one `/`) or name an existing folder under `root`; otherwise they are
-    Hub ids and left alone.
-    """
-    root = Path(root)
-    resolved = dict(recipe)
-    for name in RECIPE_PATH_FIELDS + RECIPE_MODEL_FIELDS:
-        value = resolved.get(name)
-        if not isinstance(value, str) or not value:
-            continue
-        expanded = os.path.expanduser(value)
-        candidate = expanded if os.path.isabs(expanded) else os.path.normpath(root / expanded)
-        if name in RECIPE_PATH_FIELDS or looks_local(value) or os.path.exists(candidate):
-            resolved[name] = candidate
-    return resolved
-
-
-def display_path(path: str | None, root: str | os.PathLike) -> str | None:
-    """`path` as shown in a model card: relative to `root` when it lies under `root` or next to it (`../shared/x`),
-    otherwise as given (an absolute path elsewhere, or a Hub id)."""
-    if not path or not os.path.isabs(path):
-        return path
-    relative = os.path.relpath(path, root)
-    parts = Path(relative).parts
-    ups = next((i for i, part in enumerate(parts) if part != ".."), len(parts))  # relpath puts every ".." first
-    return relative if ups <= 1 else path
-
-
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a recipe YAML (a flat mapping of dataclass fields), check its keys and resolve its relative paths.
-
-    Relative paths in the recipe (data files, output and cache folders, local model folders: see
-    `resolve_recipe_paths`) are resolved against [`recipe_root`], the repository holding the recipe (or the recipe's
-    folder), so a recipe means the same files from any working directory. Values given on the command line are not
-    recipe values: they stay as typed, relative to the working directory.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"--config {path!r} does not exist. Recipes live under recipes/, e.g. "
-            "recipes/minilm-sst2_to_minilm-l3/distilbert.yaml."
-        )
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {path} must be a mapping of field: value, got {type(recipe).__name__}.")
-    check_recipe_keys(recipe, source=str(path))
-    return resolve_recipe_paths(recipe, recipe_root(path))

@@ -12,7 +12,7 @@ import os
 
 from datasets import ClassLabel, Dataset, DatasetDict, List, Value, concatenate_datasets, load_dataset
 
-from .config import DataArguments
+from .arguments import DataArguments
 from .labels import LabelInfo, apply_label_info, encode_labels, label_info, list_item_feature, num_labels_of
 from .transfer import augment_p, transfer_source
 

@@ -162,13 +162,20 @@ def is_hub_id(name: str | None) -> bool:
     return HUB_ID_PATTERN.fullmatch(name) is not None
 
 
+def _sparse_teacher(args: Any) -> str:
+    """How the logit term sees the teacher when it is the sparse KL (`teacher_cache_top_k_tail`), else ``""``."""
+    if not getattr(args, "teacher_cache_top_k_tail", False):
+        return ""
+    return f", the teacher as its top-{args.teacher_cache_top_k} probabilities plus the tail mass (sparse KL)"
+
+
 def loss_terms(args: Any) -> list[tuple[str, float, str]]:
     """`(term, weight, what)` for each loss term of a [`DistillationConfig`] with a non-zero weight."""
     mapping = f"teacher->student layer mapping `{getattr(args, 'layer_mapping', None)}`"
     described = {
         "task": "task loss on the labels",
         "logits": f"{getattr(args, 'logits_loss', None)} at temperature {getattr(args, 'temperature', None)} "
-        f"between teacher and student logits ([Hinton et al. 2015]({KD_PAPER}))",
+        f"between teacher and student logits ([Hinton et al. 2015]({KD_PAPER})){_sparse_teacher(args)}",
         "hidden": f"{getattr(args, 'hidden_loss', None)} between hidden states, {mapping}",
         "embeddings": f"{getattr(args, 'hidden_loss', None)} between embedding outputs",
         "attention": f"{getattr(args, 'attention_loss', None)} between attention probabilities, {mapping}",
@@ -304,7 +311,7 @@ def student_card(
     they lie in or next to it (`recipes/x.yaml`, `../shared/data/sst2/train.tsv`), so the card holds no path of this
     machine that the user did not type.
     """
-    from .config import display_path, recipe_root
+    from .recipes import display_path, recipe_root
 
     root = recipe_root(recipe_path) if recipe_path else os.getcwd()
 

@@ -11,6 +11,12 @@ three ways:
   `fused_linear_distill_loss`, and the task term through `fused_linear_cross_entropy`, so neither model's
   (tokens x vocabulary) logits exist in training.
 
+With `teacher_cache_top_k_tail` the logit term is instead `sparse_kl_loss`, the forward KL against the teacher's
+top-k + tail ((k + 1)-bucket) distribution, on the same positions and with the same normalisation: from the cache's
+`SparseTeacherLogits` when the teacher is cached, from the live teacher's logits coarsened by
+`sparse_teacher_distribution` otherwise (evaluation, `use_teacher_cache=False`), so both train on the same quantity.
+It is not chunked: its teacher side is `(tokens, k)`, and the student side costs one masked copy of the logits.
+
 How the fused path gets the last hidden states: both models run their usual forward, the whole model through every
 wrapper (DDP's gradient hooks, PEFT, the layer capture of `hf_distill.features`), with `logits_to_keep` an empty
 index tensor. transformers' causal LMs slice the last hidden states by it before their LM head, so the head runs on
@@ -29,16 +35,25 @@ import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from .cache import SparseTeacherLogits
 from .config import DistillationConfig
-from .losses import FUSED_DIVERGENCES, chunked_logit_loss, fused_linear_cross_entropy, fused_linear_distill_loss
+from .losses import (
+    FUSED_DIVERGENCES,
+    chunked_logit_loss,
+    fused_linear_cross_entropy,
+    fused_linear_distill_loss,
+    sparse_kl_loss,
+    sparse_teacher_distribution,
+)
 from .placement import DEEPSPEED_ZERO3, FSDP1, FSDP2
 from .preflight import SOFTMAX_LOGIT_LOSSES, forward_arg_names, preflight_problem_type
-from .tasks import REGRESSION, is_causal_lm, unwrap_peft
+from .tasks import MULTI_LABEL, REGRESSION, is_causal_lm, unwrap_peft
 
 __all__ = [
     "FUSED_CHUNK_SIZE",
     "check_fused_lm_head",
     "check_head_logit_loss",
+    "check_sparse_temperature",
     "fused_logit_term",
     "fused_task_term",
     "last_hidden_states",
@@ -46,6 +61,7 @@ __all__ = [
     "logit_term",
     "logits_from_hidden",
     "no_positions",
+    "sparse_logit_term",
 ]
 
 # Positions per chunk of the fused losses when `logits_chunk_size` is None (Liger-Kernel's default).
@@ -68,16 +84,21 @@ def logit_term(
     args: DistillationConfig,
     table: dict,
     num_items_in_batch: torch.Tensor | None,
+    teacher_sparse: SparseTeacherLogits | None = None,
 ) -> torch.Tensor:
-    """The logit term on materialised logits: `table[args.logits_loss]`, chunked with `args.logits_chunk_size`.
+    """The logit term on materialised logits: `table[args.logits_loss]`, chunked with `args.logits_chunk_size`;
+    `sparse_logit_term` instead with `args.teacher_cache_top_k_tail` or a sparse cached teacher.
 
     Args:
-        student_logits, teacher_logits: `(B, C)` or `(B, L, V)` logits of both models.
+        student_logits, teacher_logits: `(B, C)` or `(B, L, V)` logits of both models (teacher: None when sparse).
         positions: `(B, L)` bool, the positions scored (see `DistillationConfig.distill_on`), or None (all).
         args: the trainer's config (loss, temperature, the loss's parameter, chunk size).
         table: `KD_LOGIT_LOSSES`, or `MULTI_LABEL_LOGIT_LOSSES` for a multi-label head.
         num_items_in_batch: the scored positions of the whole gradient-accumulation window, or None.
+        teacher_sparse: the cached teacher's top-k + tail (`outputs.sparse_logits` of `cached_teacher_features`).
     """
+    if teacher_sparse is not None or args.teacher_cache_top_k_tail:
+        return sparse_logit_term(student_logits, teacher_logits, teacher_sparse, positions, args, num_items_in_batch)
     loss_fn = table[args.logits_loss]
     options = {"temperature": args.temperature, "num_items_in_batch": num_items_in_batch, **args.logits_loss_kwargs}
     if args.logits_chunk_size is not None:
@@ -87,9 +108,60 @@ def logit_term(
     return loss_fn(student_logits, teacher_logits, positions, **options)
 
 
+def sparse_logit_term(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    teacher_sparse: SparseTeacherLogits | None,
+    positions: torch.Tensor | None,
+    args: DistillationConfig,
+    num_items_in_batch: torch.Tensor | None,
+) -> torch.Tensor:
+    """`sparse_kl_loss` against the teacher's top-k + tail at `args.temperature`: the cached `teacher_sparse`, or
+    the live `teacher_logits` coarsened alike (k = `teacher_cache_top_k`, at most the vocabulary: a k covering it is
+    the full KL, as the cache then stores the full logits)."""
+    if args.logits_loss != "kl":
+        raise ValueError(
+            f"the teacher is a top-k + tail distribution (a cache built with top_k_tail=True), on which only the "
+            f"forward KL is computed, but logits_loss={args.logits_loss!r}. Set logits_loss='kl', or rebuild the "
+            "cache without the tail (teacher_cache_top_k_tail=False)."
+        )
+    if teacher_sparse is None:
+        k = min(args.teacher_cache_top_k, teacher_logits.shape[-1])
+        ids, logprobs, tail = sparse_teacher_distribution(teacher_logits, k, temperature=args.temperature)
+        teacher_sparse = SparseTeacherLogits(ids, logprobs, tail)
+    return sparse_kl_loss(
+        student_logits,
+        teacher_sparse.ids.to(student_logits.device),
+        teacher_sparse.logprobs.to(student_logits.device),
+        teacher_sparse.tail_logprob.to(student_logits.device),
+        positions,
+        temperature=args.temperature,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def check_sparse_temperature(cache_temperature: float | None, args: DistillationConfig) -> None:
+    """Refuse training on a top-k + tail cache whose log-probabilities were taken at another temperature than
+    `args.temperature` (a hyperparameter search or `model_init` run that changed it after the cache was built)."""
+    if cache_temperature is not None and float(cache_temperature) != float(args.temperature):
+        raise ValueError(
+            f"the teacher cache holds top-k + tail log-probabilities taken at temperature={cache_temperature}, but "
+            f"this run has temperature={args.temperature}: its logit term would compare the student at one "
+            "temperature with the teacher at another. Keep temperature fixed (leave it out of the search space), "
+            "build the trainer with the temperature you train at, or set teacher_cache_top_k_tail=False (stored "
+            "top-k logits serve every temperature)."
+        )
+
+
 def check_head_logit_loss(problem_type: str | None, args: DistillationConfig) -> None:
     """`preflight_problem_type` (the logit loss must be defined for the head), and the same rule for the LM
-    divergences: they are softmax divergences too, identically 0 over one regression output."""
+    divergences: they are softmax divergences too, identically 0 over one regression output. The top-k + tail
+    sparse KL needs a softmax head too."""
+    if args.teacher_cache_top_k_tail and problem_type in (REGRESSION, MULTI_LABEL):
+        raise ValueError(
+            f"teacher_cache_top_k_tail=True distils the top-k + tail of the teacher's softmax, which a "
+            f"{problem_type} head does not have (every output is its own value). Set teacher_cache_top_k_tail=False."
+        )
     preflight_problem_type(problem_type, args)
     if (
         problem_type == REGRESSION

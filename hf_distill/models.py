@@ -21,7 +21,8 @@ from transformers import (
 )
 from transformers.models.auto import modeling_auto
 
-from .config import ModelArguments, looks_local
+from .arguments import ModelArguments
+from .recipes import looks_local
 from .student import make_student
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from .layer_mapping import build_layer_matches, build_projections, hidden_size
 from .logit_term import (
     check_fused_lm_head,
     check_head_logit_loss,
+    check_sparse_temperature,
     fused_logit_term,
     fused_task_term,
     last_hidden_states,
@@ -85,6 +86,9 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
     `logits_chunk_size` computes it a chunk of positions at a time, and `fused_lm_head` (causal LMs) computes it and
     the task term from both models' last hidden states and LM heads, without any (tokens x vocabulary) logits in
     training (see `hf_distill.logit_term`).
+
+    With `teacher_cache_top_k_tail` the logit term is the forward KL against the teacher's top-k + tail
+    (`sparse_kl_loss`), from the cache or from the live teacher's logits alike.
 
     The teacher is frozen, in eval mode, run under `torch.no_grad()`, never in the optimizer, never wrapped in DDP,
     and placed on the student's device (in `args.teacher_dtype` if set). The trainer takes the teacher over: these
@@ -350,6 +354,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
         needs_teacher = any(getattr(args, f"{t}_weight") > 0 for t in TERMS if t != "task")
         teacher_last: dict[str, torch.Tensor] = {}
         if needs_teacher and has_cached_teacher(inputs):
+            check_sparse_temperature(self.teacher_cache_temperature, args)  # a search may have changed T since
             teacher = cached_teacher_features(
                 inputs,
                 num_classes=s_logits.shape[-1],
@@ -410,8 +415,9 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
                 )
             else:
                 table = MULTI_LABEL_LOGIT_LOSSES if problem_type == MULTI_LABEL else KD_LOGIT_LOSSES
+                sparse = getattr(teacher.outputs, "sparse_logits", None)  # a top-k + tail cache
                 terms["logits"] = logit_term(
-                    s_logits, teacher.outputs.logits, positions, args, table, window["logits"]
+                    s_logits, teacher.outputs.logits, positions, args, table, window["logits"], sparse
                 )
         # Feature matching compares representations of every real token, whatever `distill_on` says.
         if hidden:

@@ -35,6 +35,9 @@ class TeacherDataMixin:
         spec = TeacherCacheSpec(
             logits=args.logits_weight > 0,
             top_k=args.teacher_cache_top_k,
+            # The sparse form stores log-probabilities at one temperature, checked against the run's at every step.
+            top_k_tail=args.teacher_cache_top_k_tail,
+            temperature=args.temperature,
             hidden_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "hidden"],
             attention_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "attention"],
             embeddings=args.embeddings_weight > 0,
@@ -62,6 +65,13 @@ class TeacherDataMixin:
         self.train_dataset = attach_teacher_cache(self.train_dataset, cache, verify=False)
         self.data_collator = TeacherCacheCollator(self.data_collator, cache.layouts, cache.padding_side)
         return cache
+
+    @property
+    def teacher_cache_temperature(self) -> float | None:
+        """The temperature of the attached cache's top-k + tail log-probabilities (None: no such cache)."""
+        cache = getattr(self, "teacher_cache", None)
+        spec = cache.components.get("spec", {}) if cache is not None else {}
+        return spec.get("temperature") if spec.get("top_k_tail") else None
 
     def _set_signature_columns_if_needed(self):
         # Keep what either model consumes: `remove_unused_columns` would otherwise drop columns only the teacher

@@ -36,8 +36,9 @@ from datasets import Dataset, DatasetDict
 from transformers import DataCollatorWithPadding
 from transformers.trainer_utils import SaveStrategy
 
+from .arguments import DataArguments, ModelArguments
 from .cache import TeacherCache, TeacherCacheSpec, attach_teacher_cache, build_teacher_cache
-from .config import DataArguments, DistillationConfig, ModelArguments
+from .config import DistillationConfig
 from .data import (
     UNLABELLED_COLUMN,
     _texts,

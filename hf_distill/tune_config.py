@@ -70,7 +70,8 @@ class TuneConfig:
             Seed of the choice of the validation rows.
         temperature_range, alpha_range, learning_rate_range (`str`, *optional*):
             `"low,high"`, or `none` to keep the recipe's value. `alpha` is the logits' share of the task + logits
-            weight. The learning rate is searched on a log scale.
+            weight. The learning rate is searched on a log scale. The temperature cannot be searched with a top-k +
+            tail teacher cache (`teacher_cache_top_k_tail` and `use_teacher_cache`): the cache holds one temperature.
         hidden_weight_range, attention_weight_range, embeddings_weight_range (`str`, defaults to `"auto"`):
             `"low,high"` (log scale, low > 0), `auto` (`[w/4, 4w]` around the recipe's weight w if the recipe turns
             the term on, else not searched) or `none`. A term the recipe turns off cannot be searched: it needs
@@ -195,6 +196,14 @@ def search_dimensions(tune: TuneConfig, args: DistillationConfig, transfer_set: 
                 f"{name}_range={getattr(tune, f'{name}_range')!r} searches {name}, but the recipe has logits_weight=0 "
                 "(the logit term is off, so the teacher's logits are neither checked nor cached). Set logits_weight "
                 f"> 0 in the recipe to search it, or {name}_range=none."
+            )
+        if name == "temperature" and rng is not None and args.use_teacher_cache and args.teacher_cache_top_k_tail:
+            raise ValueError(
+                f"temperature_range={tune.temperature_range!r} searches temperature, but the recipe has "
+                "teacher_cache_top_k_tail=True with use_teacher_cache=True: the cache holds the teacher's "
+                f"log-probabilities at temperature={args.temperature} only, so no trial could train at another. Fix "
+                "the temperature (temperature_range=none), or turn the tail off (teacher_cache_top_k_tail=False: "
+                "stored top-k logits serve every temperature), or use_teacher_cache=False."
             )
         if rng is not None:
             dims.append(SearchDimension(name, float(rng[0]), float(rng[1]), log))

@@ -22,19 +22,17 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .arguments import DataArguments, ModelArguments, RunArguments
 from .cli import DistillArgs, _split_config, command_line_fields, make_parser, parse_distill_args
-from .config import (
+from .files import write_text_atomic
+from .recipes import (
     RECIPE_MODEL_FIELDS,
     RECIPE_PATH_FIELDS,
-    DataArguments,
-    ModelArguments,
-    RunArguments,
     display_path,
     load_recipe,
     recipe_root,
     resolve_recipe_paths,
 )
-from .files import write_text_atomic
 from .tune import TuneResult
 from .tune_config import TuneConfig
 

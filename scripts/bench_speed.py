@@ -67,8 +67,8 @@ from hf_distill import (
     make_student,
     tokenize_dataset,
 )
-from hf_distill.config import display_path
 from hf_distill.files import write_text_atomic
+from hf_distill.recipes import display_path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"  # the shared data and tools sit next to the checkout (../shared/README.md)

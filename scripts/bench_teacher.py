@@ -39,10 +39,10 @@ from bench_speed import SHARED, git_commit, load_data, minilm_dir, sst2_train_fi
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_distill import LayerMatch, forward_with_features, make_student
-from hf_distill.config import display_path
 from hf_distill.layer_mapping import build_layer_matches
 from hf_distill.losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 from hf_distill.losses.task import task_loss
+from hf_distill.recipes import display_path
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = {"task": 0.5, "logits": 0.5, "hidden": 1.0, "attention": 1.0}

@@ -11,9 +11,9 @@ from conftest import WORDS, tiny_bert_config
 from transformers import BertForMaskedLM, BertForSequenceClassification, BertModel, BertTokenizerFast
 
 from hf_distill import augment, benchmark, transfer
+from hf_distill.arguments import DataArguments
 from hf_distill.augment import augment_dataset
 from hf_distill.benchmark import BenchmarkConfig
-from hf_distill.config import DataArguments
 from hf_distill.data import (
     UNLABELLED_COLUMN,
     check_transfer_weights,

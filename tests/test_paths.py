@@ -15,7 +15,7 @@ from conftest import WORDS, script_env, tiny_bert_config
 from transformers import BertForSequenceClassification, HfArgumentParser
 
 from hf_distill import DataArguments, ModelArguments, load_benchmark_config, load_recipe
-from hf_distill.config import display_path, recipe_root
+from hf_distill.recipes import display_path, recipe_root
 
 REPO = Path(__file__).resolve().parents[1]
 MINILM_RECIPE = REPO / "recipes" / "minilm-sst2_to_minilm-l3" / "distilbert.yaml"

@@ -16,9 +16,9 @@ from test_scripts import load_script, overrides
 from transformers import BertForSequenceClassification, DataCollatorWithPadding
 
 from hf_distill import DistillationConfig, DistillationTrainer, benchmark, make_student
+from hf_distill.arguments import DataArguments
 from hf_distill.benchmark import BenchmarkConfig, StageResult, fingerprint, format_table, load_benchmark_config
 from hf_distill.benchmark_combine import combine_records, load_record
-from hf_distill.config import DataArguments
 from hf_distill.data import (
     UNLABELLED_COLUMN,
     apply_label_info,

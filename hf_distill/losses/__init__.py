@@ -9,6 +9,8 @@
 - ``ATTENTION_LOSSES``: ``fn(student_attn, teacher_attn, mask=None, *, num_items_in_batch=None)``
 - ``MULTI_LABEL_LOGIT_LOSSES``: the logit losses of multi-label heads (per-class sigmoid), signature of
   ``LOGIT_LOSSES``
+- ``sparse_kl_loss``: the forward KL against a sparse teacher (its top-k log-probabilities plus the tail mass, as
+  ``sparse_teacher_distribution`` makes them and a ``top_k_tail`` teacher cache stores them)
 
 Each returns an fp32 scalar: the sum of per-position values over counted positions, divided by the number of counted
 positions or by ``num_items_in_batch`` when given.
@@ -32,6 +34,7 @@ from hf_distill.losses.logits import (
     logits_mse_loss,
     reverse_kl_div_loss,
 )
+from hf_distill.losses.sparse import sparse_kl_loss, sparse_teacher_distribution
 
 LOGIT_LOSSES = {"kl": kl_div_loss, "reverse_kl": reverse_kl_div_loss, "jsd": jsd_loss, "mse": logits_mse_loss}
 HIDDEN_LOSSES = {"mse": hidden_mse_loss, "cosine": hidden_cosine_loss}
@@ -81,5 +84,7 @@ __all__ = [
     "reverse_kl_div_loss",
     "skew_kl_loss",
     "skew_reverse_kl_loss",
+    "sparse_kl_loss",
+    "sparse_teacher_distribution",
     "total_variation_loss",
 ]
