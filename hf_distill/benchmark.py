@@ -82,6 +82,7 @@ from .benchmark_report import (  # noqa: F401
     RESULT_KEYS,
     add_relative_metrics,
     format_table,
+    git_state,
     loss_curves,
     make_plots,
     paired_bootstrap,
@@ -531,11 +532,12 @@ def run_benchmark(
         )
     start = time.perf_counter()
     bench = Benchmark(config, root)
+    started = git_state(bench.root)  # the code that runs is the code of now, however long the run takes
     results = bench.run()
     if config.results_file:
         path = bench._path(config.results_file.format(name=config.name))
         command = command or f"run_benchmark(load_benchmark_config(...), name={config.name!r})"
-        write_json_atomic(path, results_record(results, command=command, root=bench.root,
+        write_json_atomic(path, results_record(results, command=command, root=bench.root, started=started,
                                                invocation_seconds=time.perf_counter() - start))  # fmt: skip
         results["paths"]["record"] = str(path)
     return results

@@ -159,10 +159,18 @@ def git_state(root: str | os.PathLike) -> dict[str, Any]:
 
 
 def results_record(
-    results: dict[str, Any], *, command: str, root: str | os.PathLike, invocation_seconds: float | None = None
+    results: dict[str, Any],
+    *,
+    command: str,
+    root: str | os.PathLike,
+    invocation_seconds: float | None = None,
+    started: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a run writes into the repository (`benchmarks/results/<name>.json`): the command, the commit, the machine,
-    the budget, the configuration and every row's figures, without a path of the machine it ran on."""
+    the budget, the configuration and every row's figures, without a path of the machine it ran on.
+
+    `started`: `git_state` when the run began (a run of hours can outlive several commits); the record's `commit` and
+    `dirty` are those, and `commit_at_end` / `dirty_at_end` are added when the repository changed during the run."""
     import torch
     import transformers
 
@@ -174,11 +182,15 @@ def results_record(
             kept["stages"] = [{k: v for k, v in s.items() if k != "path"} for s in row["stages"]]
         rows.append(kept)
     config = {k: v for k, v in results["config"].items() if k != "output_dir"}
+    ended = git_state(root)
+    state = dict(started or ended)
+    if started is not None and ended != started:
+        state.update(commit_at_end=ended["commit"], dirty_at_end=ended["dirty"])
     return {
         "format": RECORD_FORMAT,
         "benchmark": results["benchmark"],
         "command": command,
-        **git_state(root),
+        **state,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "invocation_seconds": None if invocation_seconds is None else round(invocation_seconds, 1),
         "machine": {

@@ -119,3 +119,26 @@ def test_script_combines_records_into_one(tmp_path, capsys):
     with pytest.raises(SystemExit, match="in an earlier part"):
         script.main(["--combine", str(paths[0]), str(paths[0]), "--into", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_a_record_names_the_commit_its_run_started_from(tmp_path, monkeypatch):
+    """A run of hours can outlive commits: the record's commit is the one at the start, the end's is added when it
+    differs (a record once named the commit of its end)."""
+    from hf_distill import benchmark_report
+
+    states = iter([{"commit": "bbb", "dirty": True}])
+    monkeypatch.setattr(benchmark_report, "git_state", lambda root: next(states))
+    results = {
+        "benchmark": "tiny", "config": {"output_dir": str(tmp_path)}, "budget": {}, "rows": [],
+        "stages": [], "output_dir": str(tmp_path),
+    }  # fmt: skip
+    record = benchmark_report.results_record(
+        results, command="c", root=tmp_path, started={"commit": "aaa", "dirty": False}
+    )
+    assert (record["commit"], record["dirty"]) == ("aaa", False)
+    assert (record["commit_at_end"], record["dirty_at_end"]) == ("bbb", True)
+    states = iter([{"commit": "aaa", "dirty": False}])
+    same = benchmark_report.results_record(
+        results, command="c", root=tmp_path, started={"commit": "aaa", "dirty": False}
+    )
+    assert same["commit"] == "aaa" and "commit_at_end" not in same
