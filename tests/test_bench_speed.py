@@ -234,9 +234,11 @@ def test_teacher_dtype_docstring_claims_match_bench_teacher_results():
     assert accuracy["rows"] == 512 and accuracy["argmax_agreement"] == 1.0
     assert accuracy["student_gradient_cosine_min"] >= 0.99998
     assert max(term["max_rel_diff_per_batch"] for term in accuracy["student_terms"].values()) < 0.003
-    # "a logits + hidden + attention step took 0.80x the time": (g) against (d) in the committed bench_speed run.
+    # "took 0.77x the time (...; 0.80x on 1 thread)": (g) against (d) in the committed bench_speed runs.
     if RESULTS.is_file():
-        assert json.loads(RESULTS.read_text())["ratios"]["g_over_d"]["value"] == pytest.approx(0.80, abs=0.005)
+        assert json.loads(RESULTS.read_text())["ratios"]["g_over_d"]["value"] == pytest.approx(0.77, abs=0.005)
+    one_thread = RESULTS.with_name("bench_speed_2026-12-01_1thread.json")
+    assert json.loads(one_thread.read_text())["ratios"]["g_over_d"]["value"] == pytest.approx(0.80, abs=0.005)
     # "inference_mode is no faster than no_grad on CPU": within 2% either way.
     for name in ("inference_mode over no_grad, float32", "inference_mode over no_grad, bfloat16"):
         assert 0.98 <= speed_ups[name]["median_paired_ratio"] <= 1.02
