@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 from conftest import tiny_bert_config
-from datasets import Dataset
 from test_lm_losses import rel_diff
+from test_trainer import lm_dataset
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     BertForSequenceClassification,
@@ -58,18 +58,6 @@ def causal_lm(arch: str, hidden: int = 32, layers: int = 2, seed: int = 0, vocab
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )  # fmt: skip
     return LlamaForCausalLM(config)
-
-
-def lm_dataset(n: int = 8, prompt: int = 3) -> Dataset:
-    """Sequences of 5-11 ids in [5, 64) whose first `prompt` tokens are a prompt (label -100)."""
-    g = torch.Generator().manual_seed(0)
-    rows = {"input_ids": [], "attention_mask": [], "labels": []}
-    for _ in range(n):
-        ids = torch.randint(5, 64, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g).tolist()
-        rows["input_ids"].append(ids)
-        rows["attention_mask"].append([1] * len(ids))
-        rows["labels"].append([-100] * prompt + ids[prompt:])
-    return Dataset.from_dict(rows)
 
 
 @pytest.fixture
