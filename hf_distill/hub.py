@@ -169,13 +169,30 @@ def _sparse_teacher(args: Any) -> str:
     return f", the teacher as its top-{args.teacher_cache_top_k} probabilities plus the tail mass (sparse KL)"
 
 
+def _divergence_parameter(args: Any) -> str:
+    """The logit divergence's own parameter, as the card states it (``""`` for divergences without one)."""
+    loss = getattr(args, "logits_loss", None)
+    if loss == "generalized_jsd":
+        return f" (beta = {getattr(args, 'jsd_beta', None)}, the teacher's weight in the mixture, TRL's convention)"
+    if loss in ("skew_kl", "skew_reverse_kl"):
+        return f" (alpha = {getattr(args, 'skew_alpha', None)})"
+    return ""
+
+
+def _fused(args: Any) -> str:
+    if not getattr(args, "fused_lm_head", False):
+        return ""
+    return ", computed from both models' last hidden states and LM heads in chunks (fused)"
+
+
 def loss_terms(args: Any) -> list[tuple[str, float, str]]:
     """`(term, weight, what)` for each loss term of a [`DistillationConfig`] with a non-zero weight."""
     mapping = f"teacher->student layer mapping `{getattr(args, 'layer_mapping', None)}`"
     described = {
         "task": "task loss on the labels",
-        "logits": f"{getattr(args, 'logits_loss', None)} at temperature {getattr(args, 'temperature', None)} "
-        f"between teacher and student logits ([Hinton et al. 2015]({KD_PAPER})){_sparse_teacher(args)}",
+        "logits": f"{getattr(args, 'logits_loss', None)}{_divergence_parameter(args)} at temperature "
+        f"{getattr(args, 'temperature', None)} between teacher and student logits ([Hinton et al. 2015]({KD_PAPER}))"
+        f"{_sparse_teacher(args)}{_fused(args)}",
         "hidden": f"{getattr(args, 'hidden_loss', None)} between hidden states, {mapping}",
         "embeddings": f"{getattr(args, 'hidden_loss', None)} between embedding outputs",
         "attention": f"{getattr(args, 'attention_loss', None)} between attention probabilities, {mapping}",

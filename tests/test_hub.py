@@ -198,3 +198,21 @@ def test_count_parameters_counts_zero3_partitioned_parameters_whole(tiny_teacher
         p.data = p.data.new_empty(0)
     assert tiny_teacher.num_parameters() == 0
     assert count_parameters(tiny_teacher) == sum(full.values())
+
+
+@pytest.mark.parametrize(
+    "settings, says, never",
+    [
+        ({"logits_loss": "kl"}, "kl at temperature 2.0 between", ["beta", "alpha", "fused"]),
+        ({"logits_loss": "generalized_jsd", "jsd_beta": 0.9}, "generalized_jsd (beta = 0.9, the teacher's", ["alpha"]),
+        ({"logits_loss": "skew_kl", "skew_alpha": 0.2}, "skew_kl (alpha = 0.2) at temperature", ["beta"]),
+        ({"logits_loss": "skew_reverse_kl"}, "skew_reverse_kl (alpha = 0.1) at", ["beta"]),
+        ({"logits_loss": "reverse_kl", "fused_lm_head": True}, "LM heads in chunks (fused)", ["beta", "alpha"]),
+    ],
+)
+def test_the_card_states_the_divergence_and_its_parameter(tmp_path, settings, says, never):
+    from hf_distill.hub import loss_terms
+
+    args = DistillationConfig(output_dir=str(tmp_path), temperature=2.0, logits_weight=0.5, **settings)
+    (logits,) = [what for term, _, what in loss_terms(args) if term == "logits"]
+    assert says in logits and not any(word in logits for word in never)
