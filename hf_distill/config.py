@@ -124,8 +124,9 @@ class DistillationConfig(TrainingArguments):
             `avx512_bf16` / `amx_bf16`), `bfloat16` halved a MiniLM-L6 teacher's forward time (2.0x) with the same
             predicted class on 512 of 512 SST-2 rows, the student's KD terms within 0.3% and its gradient at cosine
             >= 0.99999 to float32's; a logits + hidden + attention step took 0.77x the time (2 threads, quiet
-            machine; 0.80x on 1 thread) (`benchmarks/results/bench_teacher.json`, `bench_speed.json`). Not measured on CPUs without it, where
-            bfloat16 is emulated: check with `scripts/bench_teacher.py`. (`inference_mode` vs `no_grad`: 1.00x.)
+            machine; 0.80x on 1 thread) (`benchmarks/results/bench_teacher.json`, `bench_speed.json`). Not measured
+            on CPUs without it, where bfloat16 is emulated: check with `scripts/bench_teacher.py`. (`inference_mode`
+            vs `no_grad`: 1.00x.)
         use_teacher_cache (`bool`, defaults to `False`):
             Run the teacher over `train_dataset` once, store its outputs on disk (Arrow, see `hf_distill.cache`) and
             train from them without any teacher forward pass. The cache is keyed by the teacher's weights and

@@ -46,13 +46,12 @@ from .losses import (
     sparse_teacher_distribution,
 )
 from .placement import DEEPSPEED_ZERO3, FSDP1, FSDP2
-from .preflight import SOFTMAX_LOGIT_LOSSES, forward_arg_names, preflight_problem_type
-from .tasks import MULTI_LABEL, REGRESSION, is_causal_lm, unwrap_peft
+from .preflight import forward_arg_names
+from .tasks import is_causal_lm, unwrap_peft
 
 __all__ = [
     "FUSED_CHUNK_SIZE",
     "check_fused_lm_head",
-    "check_head_logit_loss",
     "check_sparse_temperature",
     "fused_logit_term",
     "fused_task_term",
@@ -150,28 +149,6 @@ def check_sparse_temperature(cache_temperature: float | None, args: Distillation
             "temperature with the teacher at another. Keep temperature fixed (leave it out of the search space), "
             "build the trainer with the temperature you train at, or set teacher_cache_top_k_tail=False (stored "
             "top-k logits serve every temperature)."
-        )
-
-
-def check_head_logit_loss(problem_type: str | None, args: DistillationConfig) -> None:
-    """`preflight_problem_type` (the logit loss must be defined for the head), and the same rule for the LM
-    divergences: they are softmax divergences too, identically 0 over one regression output. The top-k + tail
-    sparse KL needs a softmax head too."""
-    if args.teacher_cache_top_k_tail and problem_type in (REGRESSION, MULTI_LABEL):
-        raise ValueError(
-            f"teacher_cache_top_k_tail=True distils the top-k + tail of the teacher's softmax, which a "
-            f"{problem_type} head does not have (every output is its own value). Set teacher_cache_top_k_tail=False."
-        )
-    preflight_problem_type(problem_type, args)
-    if (
-        problem_type == REGRESSION
-        and args.logits_weight > 0
-        and args.logits_loss not in ("mse", *SOFTMAX_LOGIT_LOSSES)
-    ):
-        raise ValueError(
-            f"logits_loss={args.logits_loss!r} with a regression head (problem_type='regression', e.g. num_labels=1): "
-            "a softmax over one output is always 1, so this term would be identically 0 and teach nothing. Set "
-            "logits_loss='mse' (MSE between the student's and the teacher's outputs) or logits_weight=0."
         )
 
 

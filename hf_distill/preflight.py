@@ -13,14 +13,15 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .config import DistillationConfig
-from .losses import MULTI_LABEL_LOGIT_LOSSES
+from .losses import KD_LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
 from .tasks import MULTI_LABEL, REGRESSION, check_peft_task, is_headless, unwrap_peft
 
 logger = logging.get_logger(__name__)
 
 SAMPLE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "a gorgeous, witty, seductive movie", "not good"]
 # Logit losses defined on a softmax over the outputs: over one regression output they are identically 0.
-SOFTMAX_LOGIT_LOSSES = ("kl", "reverse_kl", "jsd")
+# Every logit divergence but MSE compares softmaxes: identically 0 over one regression output.
+SOFTMAX_LOGIT_LOSSES = tuple(name for name in KD_LOGIT_LOSSES if name != "mse")
 
 
 def forward_arg_names(model: nn.Module) -> set[str]:
@@ -60,7 +61,13 @@ def preflight_models(teacher: PreTrainedModel, student: PreTrainedModel, args: D
 
 
 def preflight_problem_type(problem_type: str | None, args: DistillationConfig) -> None:
-    """The logit loss must be defined for the head: no softmax KL over one regression output, per-class multi-label."""
+    """The logit loss must be defined for the head: no softmax divergence over one regression output, per-class
+    multi-label, and no top-k (or top-k + tail) teacher of a head without a softmax."""
+    if problem_type in (REGRESSION, MULTI_LABEL) and args.teacher_cache_top_k_tail:
+        raise ValueError(
+            f"teacher_cache_top_k_tail=True distils the top-k + tail of the teacher's softmax, which a "
+            f"{problem_type} head does not have (every output is its own value). Set teacher_cache_top_k_tail=False."
+        )
     if args.logits_weight == 0 or problem_type is None:
         return
     if problem_type == REGRESSION and args.logits_loss in SOFTMAX_LOGIT_LOSSES:

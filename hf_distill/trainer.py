@@ -16,7 +16,6 @@ from .features import check_attention_compatible, forward_with_features
 from .layer_mapping import build_layer_matches, build_projections, hidden_size
 from .logit_term import (
     check_fused_lm_head,
-    check_head_logit_loss,
     check_sparse_temperature,
     fused_logit_term,
     fused_task_term,
@@ -32,6 +31,7 @@ from .preflight import (
     SAMPLE_TEXTS,
     forward_arg_names,
     preflight_models,
+    preflight_problem_type,
     preflight_segment_ids,
     preflight_tokenizers,
 )
@@ -145,7 +145,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
         preflight_segment_ids(train_dataset, processing_class, teacher_model, model)
         self._sequence_level = is_sequence_classifier(model)
         self.problem_type = resolve_problem_type(model, teacher_model, train_dataset) if self._sequence_level else None
-        check_head_logit_loss(self.problem_type, args)
+        preflight_problem_type(self.problem_type, args)
         if args.logits_chunk_size is not None and self._sequence_level:
             raise ValueError(
                 f"logits_chunk_size={args.logits_chunk_size} chunks a token-level logit term over positions, but the "
@@ -400,7 +400,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
             micro["task"] = self._label_count(labels)
         if args.logits_weight > 0:
             if self.problem_type is None and problem_type is not None:
-                check_head_logit_loss(problem_type, args)  # known only now, from the labels' dtype
+                preflight_problem_type(problem_type, args)  # known only now, from the labels' dtype
             positions = self._logit_positions(labels, mask) if token_level else None
             if token_level:
                 every = (s_hidden if fused else s_logits).shape[:2].numel()

@@ -1,6 +1,7 @@
 """Transfer-set settings: which unlabelled source a `DataArguments` / `BenchmarkConfig` names, and its checks.
 
-Kept apart from `hf_distill.arguments` (which imports it) so both configs share one set of rules without an import cycle.
+Kept apart from `hf_distill.arguments` (which imports it) so both configs share one set of rules without an import
+cycle.
 """
 
 from __future__ import annotations
