@@ -87,7 +87,7 @@ def combine_records(records: list[dict[str, Any]], names: list[str] | None = Non
                 "are not seeds of one experiment."
             )
 
-    rows = []
+    rows, pooled = [], {}  # pooled: row name -> (seeds, dev rows) correctness, for the intervals
     baseline = first["config"]["baseline_name"]
     for k, row in enumerate(first["rows"]):
         parts = [record["rows"][k] for record in records]
@@ -114,16 +114,15 @@ def combine_records(records: list[dict[str, Any]], names: list[str] | None = Non
                 accuracy_per_seed={str(s): accuracy[str(s)] for s in seeds},
                 dev_correct={str(s): "".join("1" if ok else "0" for ok in bits[str(s)]) for s in seeds},
             )
+            pooled[row["name"]] = np.stack([bits[str(s)] for s in seeds])
         rows.append(combined)
     add_relative_metrics(rows, baseline=baseline)
-    base = next(r for r in rows if r["name"] == baseline)
-    base_bits = np.stack([_bits(base, "combined")[str(s)] for s in base["seeds"]])
     for row in rows:
         row.pop("delta_ci95", None)
-        if row["name"] in ("teacher", baseline):
-            continue
-        mine = np.stack([_bits(row, "combined")[str(s)] for s in row["seeds"]])
-        row["delta_ci95"] = list(paired_bootstrap(mine, base_bits, seed=first["config"]["seed"]))
+        if row["name"] not in ("teacher", baseline):
+            row["delta_ci95"] = list(
+                paired_bootstrap(pooled[row["name"]], pooled[baseline], seed=first["config"]["seed"])
+            )
 
     seeds = list(dict.fromkeys(s for record in records for s in record["budget"]["student_seeds"]))
     parts = [
