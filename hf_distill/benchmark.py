@@ -10,7 +10,9 @@
     teacher_cache/             the teacher's outputs on the training rows, one cache per set of features
                                (`teacher_cache: true`), shared by every distilled row, seed and rerun
     eval/<model>/              dev accuracy, parameters, size on disk and per-row predictions of one final model
+                               (`<row>-seed<s>` for a row under another training seed)
     eval/latency/              CPU latency of every final model at batch 1 and 32, timed round-robin
+                               (`latency-seed<s>` when the first of `student_seeds` is not `seed`)
     results.json, results.md, plots/*.png   rebuilt from the folders above on every run (cheap)
 
 and, with `results_file`, the run's record in the repository (`benchmarks/results/<name>.json`), from which the
@@ -354,11 +356,19 @@ class Benchmark(BenchmarkInputs):
         self.stages.append(result)
         return result.info["metrics"]
 
-    def latency_stage(self, models: dict[str, tuple[str | Path, dict[str, Any]]]) -> dict[str, Any]:
-        """CPU latency of every final model, measured round-robin in one stage so all share the same conditions."""
+    def eval_name(self, name: str, seed: int) -> str:
+        """The folder under `eval/` of row `name` trained under `seed`: `name` under the benchmark's `seed`,
+        `<name>-seed<s>` under another, like `rows/<row>/` and `rows/<row>/seed<s>/`. So a run of another seed alone
+        (`student_seeds: [43]`) in the folder of an earlier run evaluates its own models beside the earlier ones
+        (and reuses the teacher, its cache and the student init) instead of colliding with their evaluations."""
+        return name if seed == self.config.seed else f"{name}-seed{seed}"
+
+    def latency_stage(self, models: dict[str, tuple[str | Path, dict[str, Any]]], folder: str = "latency") -> dict:
+        """CPU latency of every final model, measured round-robin in one stage so all share the same conditions;
+        in `eval/<folder>` (`eval_name("latency", main seed)`: the models timed differ with the main seed)."""
         c = self.config
         spec = {
-            "stage": "eval/latency",
+            "stage": f"eval/{folder}",
             "models": {name: fingerprint(model_spec) for name, (_, model_spec) in models.items()},
             "runs": c.latency_runs,
             "warmup": c.latency_warmup,
@@ -377,7 +387,7 @@ class Benchmark(BenchmarkInputs):
             (tmp / "timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
             return {"latencies": latencies, "torch_threads": torch.get_num_threads()}
 
-        result = run_stage(self.out / "eval" / "latency", spec, work)
+        result = run_stage(self.out / "eval" / folder, spec, work)
         self.stages.append(result)
         return result.info
 
@@ -406,11 +416,14 @@ class Benchmark(BenchmarkInputs):
 
         finals = {"teacher": (self.teacher_dir, teacher_spec)}
         finals.update({name: (final_dir, final_spec) for name, (final_dir, final_spec, _) in trained.items()})
-        evaluations = {name: self.eval_stage(name, path, spec) for name, (path, spec) in finals.items()}
-        seed_evaluations = {
-            key: self.eval_stage(f"{key[0]}-seed{key[1]}", path, spec) for key, (path, spec, _) in reseeded.items()
+        evaluations = {
+            name: self.eval_stage(name if name == "teacher" else self.eval_name(name, main_seed), path, spec)
+            for name, (path, spec) in finals.items()
         }
-        latency = self.latency_stage(finals)
+        seed_evaluations = {
+            key: self.eval_stage(self.eval_name(*key), path, spec) for key, (path, spec, _) in reseeded.items()
+        }
+        latency = self.latency_stage(finals, self.eval_name("latency", main_seed))
         for name, latencies in latency["latencies"].items():
             evaluations[name].update(latencies)
 
@@ -492,9 +505,9 @@ class Benchmark(BenchmarkInputs):
         return np.asarray(stored["predictions"]) == np.asarray(stored["labels"])
 
     def correct_by_seed(self, name: str, seeds: list[int]) -> dict[int, np.ndarray] | None:
-        """`correct` of a row's model under each training seed: the first seed's evaluation is named `name`, the
-        others `<name>-seed<s>`; None when any of them predates stored predictions."""
-        runs = {s: self.correct(name if k == 0 else f"{name}-seed{s}") for k, s in enumerate(seeds)}
+        """`correct` of a row's model under each training seed (evaluated as `eval_name(name, s)`; the teacher as
+        `teacher`); None when any of them predates stored predictions."""
+        runs = {s: self.correct(name if name == "teacher" else self.eval_name(name, s)) for s in seeds}
         return None if any(v is None for v in runs.values()) else runs
 
     def add_intervals(self, rows: list[dict[str, Any]], correct: dict[str, dict[int, np.ndarray] | None]) -> None:

@@ -557,14 +557,14 @@ def test_a_benchmark_run_under_another_student_seed_only(tmp_path, tiny_tokenize
     teacher.save_pretrained(tmp_path / "teacher")
     tiny_tokenizer.save_pretrained(tmp_path / "teacher")
 
-    def run(out, seeds):
+    def run(out, seeds, record="record.json"):
         config = BenchmarkConfig(
             name="tiny_seed", output_dir=str(out), teacher_model_name_or_path=str(tmp_path / "teacher"),
             teacher_learning_rate=1e-3, train_file=str(SST2 / "train.tsv"), validation_file=str(SST2 / "dev.tsv"),
             max_length=32, max_train_samples=64, max_eval_samples=32, student_num_layers=2, logging_steps=1,
             save_steps=50, baseline_recipe=str(RECIPES / "no_kd.yaml"),
             rows={"vanilla_kd": [str(RECIPES / "vanilla_kd.yaml")]}, student_seeds=seeds,
-            results_file=str(out / "record.json"),
+            results_file=str(out / record),
         )  # fmt: skip
         return {r["name"]: r for r in benchmark.run_benchmark(config, root=REPO)["rows"]}
 
@@ -577,9 +577,15 @@ def test_a_benchmark_run_under_another_student_seed_only(tmp_path, tiny_tokenize
     for name in ("no_kd", "vanilla_kd"):
         assert only_7[name]["dev_correct"]["7"] == both[name]["dev_correct"]["7"]
         assert only_7[name]["accuracy"] == pytest.approx(both[name]["accuracy_per_seed"][7])
-    # Combining the records of a seed-42-only and a seed-7-only run gives what the two-seed run reports.
-    run(tmp_path / "only_42", [42])
-    parts = [load_record(tmp_path / d / "record.json") for d in ("only_42", "only_7")]
+    # Combining the records of a seed-42-only and a seed-7-only run gives what the two-seed run reports; the two
+    # run in one folder, one after the other, as across sessions (the second reuses the teacher and student init,
+    # and evaluates its own models beside the first's).
+    shared = tmp_path / "one_folder"
+    run(shared, [42], "record_42.json"), run(shared, [7], "record_7.json")
+    assert (shared / "eval" / "vanilla_kd").is_dir() and (shared / "eval" / "vanilla_kd-seed7").is_dir()
+    assert (shared / "eval" / "latency").is_dir() and (shared / "eval" / "latency-seed7").is_dir()
+    parts = [load_record(shared / f"record_{s}.json") for s in (42, 7)]
+    assert parts[1]["rows"][0]["dev_correct"] == parts[0]["rows"][0]["dev_correct"]  # the same teacher
     combined = {r["name"]: r for r in combine_records(parts)["rows"]}
     reference = {r["name"]: r for r in load_record(tmp_path / "both" / "record.json")["rows"]}
     for name in ("no_kd", "vanilla_kd"):
