@@ -4,6 +4,9 @@
 
     teacher/                   the teacher fine-tuned on the task (absent when `finetune_teacher: false`)
     student_init/              the student built from alternating teacher layers: the start of every row
+                               (`student_init_from: pretrained`: the pre-trained model's layers, no head)
+    general/                   with `general_recipe`: student_init's body generally distilled from the pre-trained
+                               teacher on the training text, the start of the rows of `general_rows`
     rows/<row>/<k>-<recipe>/   the student after stage k of a row (a row is a list of recipes run in order, each
                                stage starting from the previous stage's student); the baseline is a row too
     rows/<row>/seed<s>/...     the same row under another training seed (`student_seeds`)
@@ -79,6 +82,7 @@ from .benchmark_config import (  # noqa: F401
     load_benchmark_config,
 )
 from .benchmark_data import TRANSFER_KEYS, BenchmarkInputs  # noqa: F401
+from .benchmark_general import GeneralStages
 from .benchmark_report import (  # noqa: F401
     LOSS_TERMS,
     RESULT_KEYS,
@@ -144,7 +148,7 @@ BENCHMARK_OWNED_KEYS = (
 
 
 # ---------------------------------------------------------------------------------------------------- the pipeline
-class Benchmark(BenchmarkInputs):
+class Benchmark(GeneralStages, BenchmarkInputs):
     """The stages of one benchmark, in the order `run` calls them; data and models are loaded only when a stage needs
     them, so a rerun over finished folders loads nothing."""
 
@@ -222,9 +226,12 @@ class Benchmark(BenchmarkInputs):
             "teacher": fingerprint(teacher_spec),
             "num_layers": c.student_num_layers,
             "layers": c.student_layers,
+            **({"from": c.student_init_from} if c.student_init_from != "teacher" else {}),
         }
 
         def work(tmp: Path) -> dict:
+            if c.student_init_from == "pretrained":
+                return self.pretrained_student_work(tmp)
             layers = [int(i) for i in c.student_layers.split(",")] if c.student_layers else None
             student = make_student(self.teacher, num_layers=c.student_num_layers, layers=layers)
             student.save_pretrained(tmp)
@@ -236,20 +243,27 @@ class Benchmark(BenchmarkInputs):
 
     # ------------------------------------------------------------------ (3)+(4) one row: its stages in order
     def row_stages(
-        self, name: str, recipes: list[str], init_spec: dict[str, Any], transfer: bool = False, seed: int | None = None
+        self,
+        name: str,
+        recipes: list[str],
+        init_spec: dict[str, Any],
+        transfer: bool = False,
+        seed: int | None = None,
+        start: tuple[Path, dict[str, Any]] | None = None,
     ) -> tuple[Path, dict, list]:
         """Train a row's stages in order, each from the previous stage's student; return the final stage's folder.
 
         `transfer`: a distilled row that trains on the transfer set too (when the benchmark has one). `seed`: the
         training seed (data order, dropout); the benchmark's `seed` by default. Another seed trains into
-        `rows/<row>/seed<seed>/`, from the same student and on the same rows.
+        `rows/<row>/seed<seed>/`, from the same student and on the same rows. `start`: the folder and spec of the
+        student the row starts from (default `student_init/`; `general/` for the rows of `general_rows`).
         """
         c = self.config
         seed = c.seed if seed is None else seed
         distilled = name != c.baseline_name
         transfer_spec = self.transfer_spec() if transfer else {}
         total_steps = self.row_steps(transfer)
-        previous_dir, previous_spec = self.out / "student_init", init_spec
+        previous_dir, previous_spec = start or (self.out / "student_init", init_spec)
         row_dir = self.out / "rows" / name / ("" if seed == c.seed else f"seed{seed}")
         stage_infos = []
         for k, recipe_path in enumerate(recipes, start=1):
@@ -401,15 +415,17 @@ class Benchmark(BenchmarkInputs):
         init_spec = self.student_init_stage(teacher_spec)
         rows = {c.baseline_name: [c.baseline_recipe], **c.rows}
         transfer = {name: name != c.baseline_name and name not in c.labelled_only_rows for name in rows}
+        general = self.general_stage(init_spec) if c.general_recipe else None
+        starts = {name: general if name in c.general_rows else None for name in rows}
         main_seed = c.student_seeds[0]  # its models are evaluated, timed and shown
         trained = {
-            name: self.row_stages(name, recipes, init_spec, transfer[name], seed=main_seed)
+            name: self.row_stages(name, recipes, init_spec, transfer[name], seed=main_seed, start=starts[name])
             for name, recipes in rows.items()
         }
         # Further training seeds: the same rows from the same student, another data order and dropout.
         extra_seeds = {name: list(c.student_seeds[1:]) for name in rows if c.seed_rows is None or name in c.seed_rows}
         reseeded = {
-            (name, s): self.row_stages(name, rows[name], init_spec, transfer[name], seed=s)
+            (name, s): self.row_stages(name, rows[name], init_spec, transfer[name], seed=s, start=starts[name])
             for name, seeds in extra_seeds.items()
             for s in seeds
         }
@@ -453,6 +469,7 @@ class Benchmark(BenchmarkInputs):
                 **evaluations[name],
                 "transfer_set": transfer[name] and bool(self.transfer_spec()),
                 "seeds": seeds,
+                **({"general_steps": c.general_steps} if name in c.general_rows else {}),
             }
             if len(seeds) > 1:
                 # The accuracy of a row trained under several seeds is their mean; size and latency are the first's.
@@ -484,6 +501,8 @@ class Benchmark(BenchmarkInputs):
                 "max_length": c.max_length,
                 "num_train_epochs": c.num_train_epochs,
                 "stage_split": "a row of k recipes gives each stage 1/k of the steps",
+                **({"student_init_from": c.student_init_from} if c.student_init_from != "teacher" else {}),
+                **({"general_steps": c.general_steps, "general_rows": c.general_rows} if c.general_recipe else {}),
             },
             "torch_threads": latency["torch_threads"],
             "rows": results_rows,

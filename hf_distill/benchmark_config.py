@@ -20,6 +20,8 @@ from .data import check_transfer_weights
 from .recipes import load_recipe, recipe_root
 from .transfer import check_augment, check_unlabelled_source
 
+INIT_SOURCES = ("teacher", "pretrained")  # the layers `student_init/` is built from
+
 
 # ---------------------------------------------------------------------------------------------------- configuration
 @dataclass
@@ -54,6 +56,16 @@ class BenchmarkConfig:
             once into `<output_dir>/augmented` and labelled by the teacher (through the teacher cache, if on).
         student_num_layers (`int`, *optional*), student_layers (`str`, *optional*): the student, built by
             `make_student` from evenly spaced ("alternating") teacher layers, first and last included.
+        student_init_from (`str`, defaults to `"teacher"`): the layers the student is built from: `teacher` (the
+            fine-tuned teacher's, its classification head included) or `pretrained` (the pre-trained model's,
+            `teacher_model_name_or_path` before fine-tuning, as DistilBERT and TinyBERT do; every row then starts
+            with a fresh classification head drawn from `seed`).
+        general_recipe (`str`, *optional*), general_steps (`int`), general_rows (`list[str]`): general
+            (task-agnostic) distillation (`hf_distill.benchmark_general`, needs `student_init_from: pretrained`):
+            the student's body is distilled from the pre-trained teacher's body for `general_steps` optimizer steps
+            on the text of the training rows (labelled and transfer set, labels unused) with the recipe's feature
+            terms (hidden states, attention maps, embeddings), into `<output_dir>/general`; the rows of
+            `general_rows` start from it instead of from `student_init/`, on the same fine-tuning budget.
         teacher_cache (`bool`, defaults to `False`): the distilled rows read the teacher's outputs from a cache in
             `<output_dir>/teacher_cache` (one per set of features, built once, shared by every row, seed and rerun)
             instead of running the teacher every step; a recipe that sets `use_teacher_cache` keeps its own settings.
@@ -131,6 +143,18 @@ class BenchmarkConfig:
     student_layers: str | None = field(default=None, metadata={"help": "Teacher layers copied, e.g. '0,2,4'."})
     teacher_cache: bool = field(
         default=False, metadata={"help": "Distilled rows read the teacher from one shared cache, built once."}
+    )
+    student_init_from: str = field(
+        default="teacher",
+        metadata={"help": "'teacher' (the fine-tuned teacher's layers and head) or 'pretrained' (its base, no head)."},
+    )
+    # General distillation (hf_distill.benchmark_general): the student's body distilled before any task
+    general_recipe: str | None = field(
+        default=None, metadata={"help": "Recipe of the general distillation stage (feature terms only)."}
+    )
+    general_steps: int | None = field(default=None, metadata={"help": "Optimizer steps of the general stage."})
+    general_rows: list[str] = field(
+        default_factory=list, metadata={"help": "Rows that start from the generally distilled student."}
     )
     # Budget, the same for every student row
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of every student row."})
@@ -216,8 +240,42 @@ class BenchmarkConfig:
             if not recipes:
                 raise ValueError(f"row {name!r} has no recipe. List at least one recipe file.")
         self._check_rows_and_seeds()
+        self._check_general()
         if isinstance(self.student_layers, (list, tuple)):
             self.student_layers = ",".join(str(i) for i in self.student_layers)
+
+    def _check_general(self) -> None:
+        if self.student_init_from not in INIT_SOURCES:
+            raise ValueError(
+                f"student_init_from must be one of {list(INIT_SOURCES)}, got {self.student_init_from!r}. Use "
+                "'pretrained' to build the student from the pre-trained model's layers (general distillation)."
+            )
+        if self.general_recipe is None:
+            for name in ("general_steps", "general_rows"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} without general_recipe: set general_recipe (the recipe of "
+                        f"the general distillation stage), or drop {name}."
+                    )
+            return
+        if self.student_init_from != "pretrained":
+            raise ValueError(
+                f"general_recipe={self.general_recipe!r} distils the pre-trained model's body, but "
+                f"student_init_from={self.student_init_from!r} builds the student from the fine-tuned teacher. "
+                "Set student_init_from: pretrained."
+            )
+        if not isinstance(self.general_steps, int) or isinstance(self.general_steps, bool) or self.general_steps < 1:
+            raise ValueError(
+                f"general_steps must be a number of optimizer steps >= 1 with general_recipe, got "
+                f"{self.general_steps!r}. E.g. general_steps: 2000."
+            )
+        listed = self.general_rows
+        if not listed or isinstance(listed, str) or any(r not in self.rows for r in listed):
+            raise ValueError(
+                f"general_rows must list the student rows ({sorted(self.rows)}) that start from the generally "
+                f"distilled student, got {listed!r}; the baseline {self.baseline_name!r} is the comparison and "
+                "starts from student_init. E.g. general_rows: [general_no_kd]."
+            )
 
     def _check_rows_and_seeds(self) -> None:
         for name in ("labelled_only_rows", "seed_rows"):
@@ -253,6 +311,7 @@ BENCHMARK_PATH_FIELDS = (
     "validation_file",
     "unlabelled_file",
     "baseline_recipe",
+    "general_recipe",
     "results_file",
 )
 
@@ -283,9 +342,12 @@ def load_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | N
 
 
 def check_transfer_recipes(config: BenchmarkConfig, resolve: Callable[[str], Path]) -> None:
-    """With a transfer set, every stage of a distilled row needs a teacher term (see `check_transfer_weights`)."""
+    """With a transfer set, every stage of a distilled row on it needs a teacher term (see `check_transfer_weights`);
+    the rows of `labelled_only_rows` train on the labelled rows alone, so any recipe serves them."""
     fields_ = DistillationConfig.__dataclass_fields__
     for name, recipes in config.rows.items():
+        if name in config.labelled_only_rows:
+            continue
         for path in recipes:
             recipe = load_recipe(resolve(path))
             weights = {k: recipe.get(k, fields_[k].default) for k in fields_ if k.endswith("_weight")}

@@ -53,6 +53,11 @@ def preflight_models(teacher: PreTrainedModel, student: PreTrainedModel, args: D
                 "Logit distillation compares the two heads class by class: give the student "
                 f"num_labels={teacher.config.num_labels} (make_student copies the teacher's head)."
             )
+    if args.task_weight > 0 and is_headless(student):
+        raise ValueError(
+            f"task_weight={args.task_weight} needs a student with a head, got {s_head}: a bare body has no task "
+            "loss. Set task_weight=0 (feature terms only: general distillation), or load a task model."
+        )
     if args.logits_weight > 0 and (is_headless(teacher) or is_headless(student)):
         raise ValueError(
             f"logits_weight={args.logits_weight} needs models with a head, got teacher {t_head} and student {s_head}. "

@@ -340,10 +340,10 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
                 attention_layers=sorted({m.student_layer for m in attention}),
                 embeddings=embeddings,
             )
-        s_logits = student.outputs.logits
+        s_logits = getattr(student.outputs, "logits", None)  # None: a headless body (feature terms only)
         s_hidden = student_last.get("hidden")
-        token_level = s_logits.dim() == 3
-        if token_level == self._sequence_level:
+        token_level = s_logits is not None and s_logits.dim() == 3
+        if s_logits is not None and token_level == self._sequence_level:
             raise ValueError(
                 f"the student ({type(model).__name__}) returned logits of shape {tuple(s_logits.shape)}, but its "
                 f"class says it is a {'sequence' if self._sequence_level else 'token'}-level model, so the counts "
@@ -357,7 +357,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
             check_sparse_temperature(self.teacher_cache_temperature, args)  # a search may have changed T since
             teacher = cached_teacher_features(
                 inputs,
-                num_classes=s_logits.shape[-1],
+                num_classes=s_logits.shape[-1] if s_logits is not None else 0,
                 logits=args.logits_weight > 0,
                 hidden_layers=sorted({m.teacher_layer for m in hidden}),
                 attention_layers=sorted({m.teacher_layer for m in attention}),
@@ -376,7 +376,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
                     embeddings=embeddings,
                 )
 
-        rows = s_logits.shape[0]
+        rows = inputs["input_ids"].shape[0]
         token_mask = mask.bool() if mask is not None else None
         micro_tokens = token_mask.sum() if token_mask is not None else inputs["input_ids"].numel()
         n_tokens = counts[TOKENS] if counts is not None else None
