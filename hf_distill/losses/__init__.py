@@ -9,6 +9,8 @@
 - ``ATTENTION_LOSSES``: ``fn(student_attn, teacher_attn, mask=None, *, num_items_in_batch=None)``
 - ``MULTI_LABEL_LOGIT_LOSSES``: the logit losses of multi-label heads (per-class sigmoid), signature of
   ``LOGIT_LOSSES``
+- ``RELATION_LOSSES``: ``fn(student_pooled, teacher_pooled)`` on ``(B, Ds)`` / ``(B, Dt)`` pooled representations
+  (RKD distance / angle, similarity-preserving KD: ``relations.py``), a mean over the batch's relations
 - ``sparse_kl_loss``: the forward KL against a sparse teacher (its top-k log-probabilities plus the tail mass, as
   ``sparse_teacher_distribution`` makes them and a ``top_k_tail`` teacher cache stores them)
 
@@ -33,6 +35,13 @@ from hf_distill.losses.logits import (
     kl_div_loss,
     logits_mse_loss,
     reverse_kl_div_loss,
+)
+from hf_distill.losses.relations import (
+    RELATION_LOSSES,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    rkd_loss,
+    similarity_preserving_loss,
 )
 from hf_distill.losses.sparse import sparse_kl_loss, sparse_teacher_distribution
 
@@ -69,6 +78,7 @@ __all__ = [
     "LM_LOGIT_LOSSES",
     "LOGIT_LOSSES",
     "MULTI_LABEL_LOGIT_LOSSES",
+    "RELATION_LOSSES",
     "attention_kl_loss",
     "attention_mse_loss",
     "binary_kl_div_loss",
@@ -82,6 +92,10 @@ __all__ = [
     "kl_div_loss",
     "logits_mse_loss",
     "reverse_kl_div_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "rkd_loss",
+    "similarity_preserving_loss",
     "skew_kl_loss",
     "skew_reverse_kl_loss",
     "sparse_kl_loss",
