@@ -233,6 +233,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 def record_table(record_path: str | os.PathLike) -> str:
     """The results table of a committed record, as `BENCHMARKS.md` shows it."""
     record = json.loads(Path(record_path).read_text(encoding="utf-8"))
+    if record.get("kind") == "lm":  # the LM benchmark's record: perplexities (hf_distill.lm_benchmark)
+        from .lm_benchmark import format_lm_table
+
+        return format_lm_table(record["rows"]) + "\n"
     return format_table(record["rows"]) + "\n"
 
 

@@ -6,6 +6,7 @@
     python scripts/benchmark.py --set max_train_samples=500 --output_dir outputs/benchmarks/quick
     python scripts/benchmark.py --update-docs   # regenerate BENCHMARKS.md's tables from benchmarks/results/*.json
     python scripts/benchmark.py --combine A.json B.json --into C.json   # one record from runs of one seed each
+    python scripts/benchmark.py --config benchmarks/smollm2_lm.yaml     # the LM benchmark (`kind: lm`): perplexity
 
 It fine-tunes the teacher (or takes a fine-tuned one), builds the student from alternating teacher layers, distils it
 with each recipe, fine-tunes it without KD, evaluates everything on the dev split and writes results.json, results.md
@@ -25,10 +26,11 @@ import time
 import transformers
 import yaml
 
-from hf_distill.benchmark import format_table, load_benchmark_config, run_benchmark, update_results_blocks
+from hf_distill.benchmark import format_table, run_benchmark, update_results_blocks
 from hf_distill.benchmark_combine import combine_records, load_record
 from hf_distill.benchmark_report import write_json_atomic
 from hf_distill.files import write_text_atomic
+from hf_distill.lm_benchmark import LMBenchmarkConfig, load_any_benchmark_config, run_lm_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "benchmarks", "sst2_minilm_l3.yaml")
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     # ------------------------------------------------------------------ config
-    config = load_benchmark_config(args.config, overrides)
+    config = load_any_benchmark_config(args.config, overrides)  # `kind: lm`: the LM benchmark (lm_benchmark.py)
+    lm = isinstance(config, LMBenchmarkConfig)
     print(f"benchmark {config.name!r} from {os.path.relpath(args.config, REPO)}")
     if changed and config.results_file and "results_file" not in overrides:
         out = config.output_dir or os.path.join(REPO, "outputs", "benchmarks", config.name)
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ run (every stage reused, resumed or run)
     start = time.perf_counter()
     command = " ".join(["python", "scripts/benchmark.py", *argv])
-    results = run_benchmark(config, command=command)  # relative paths: against the repository holding the config
+    run = run_lm_benchmark if lm else run_benchmark
+    results = run(config, command=command)  # relative paths: against the repository holding the config
     elapsed = time.perf_counter() - start
 
     # ------------------------------------------------------------------ report
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"         {results['paths']['results_md']}")
     if "record" in results["paths"]:
         print(f"record:  {results['paths']['record']}")
-    for name, path in results["plots"].items():
+    for name, path in results.get("plots", {}).items():
         print(f"plot {name}: {path}")
     return results
 

@@ -24,6 +24,7 @@ from hf_distill.benchmark import (
     split_budget,
     total_train_steps,
 )
+from hf_distill.lm_benchmark import load_any_benchmark_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SST2 = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "sst2"))
@@ -142,10 +143,10 @@ def test_fingerprint_is_order_independent():
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=[os.path.basename(p) for p in BENCHMARKS])
 def test_shipped_benchmarks_load(path):
-    config = load_benchmark_config(path)
+    config = load_any_benchmark_config(path)  # `kind: lm` files are LM benchmarks
     check_baseline_recipe(os.path.join(REPO, config.baseline_recipe))
     for recipes in config.rows.values():
-        for recipe in recipes:
+        for recipe in [recipes] if isinstance(recipes, str) else recipes:
             assert os.path.isfile(os.path.join(REPO, recipe)), recipe
 
 
