@@ -4,12 +4,15 @@
     python benchmarks/trl_side_by_side.py [--batch 4] [--seq_len 256] [--vocab 8192] [--hidden 128]
         [--teacher_layers 4] [--student_layers 2] [--beta 0.5] [--repeats 5] [--smollm2] [--write [--out PATH]]
 
-The real run, on a quiet machine (nothing else on the CPU; about 15 minutes and 12 GB on 2 cores):
+The real run, on a quiet machine (nothing else on the CPU), from the repository root:
 
     OMP_NUM_THREADS=2 python benchmarks/trl_side_by_side.py --smollm2 --batch 4 --seq_len 512 --repeats 5 --write
 
-`--smollm2` takes SmolLM2-135M (30 layers, vocabulary 49,152; `../shared/tools/offline_models.py smollm2`) as the
-teacher and its 15 alternating layers (`make_student`) as the student; without it both are small Llamas built here.
+Estimated from small runs (not yet measured at this size): about 10 GB for the process (at its peak TRL's loss holds
+about 17 fp32 (tokens x vocabulary) tensors of 0.4 GB each here, ours about 12) and some tens of seconds per step,
+16 steps in all. `--smollm2` takes SmolLM2-135M (30 layers, vocabulary 49,152;
+`../shared/tools/offline_models.py smollm2`) as the teacher and 15 of its layers, evenly spaced with the first and
+the last (`make_student`'s default), as the student; without it both are small Llamas built here.
 Nothing is written unless `--write` is given; then the record goes atomically to
 `benchmarks/results/trl_side_by_side.json` (or `--out`).
 
