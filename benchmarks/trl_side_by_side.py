@@ -50,7 +50,10 @@ optimizer state exists), the peak of the running sum of every CPU-allocator allo
 of tensors added on top of what the step starts with). tracemalloc cannot see tensor memory (torch allocates
 storage outside Python's allocator), and resident-set deltas depend on glibc's arenas and page reuse (noisy at these
 sizes); the profiler's counts are exact and deterministic. Its overhead is why memory and time are measured in
-separate steps. On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
+separate steps. Reported: the whole step's peak and the peak before the optimizer step (forward + loss + backward;
+at few tokens both are the gradients of the end of backward, alike in both trainers, and only at many tokens x a
+large vocabulary do the losses' (tokens x vocabulary) tensors set it), and the step's net bytes (about 0 when the
+profiler saw every free). On CUDA, ``torch.cuda.max_memory_allocated`` is used instead (not tried yet).
 """
 
 from __future__ import annotations
