@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import PROBLEM_TYPES
+from .peft_setup import check_peft_settings
 from .transfer import check_augment, check_unlabelled_source, transfer_source, unlabelled_source
 
 
@@ -34,8 +35,38 @@ class ModelArguments:
         default=False,
         metadata={"help": "Run modeling code shipped with a checkpoint (teacher, student, tokenizer)."},
     )
+    peft: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Train the student with LoRA: peft.LoraConfig fields (r, lora_alpha, lora_dropout, "
+            "target_modules, modules_to_save, ...), a mapping in a recipe, JSON on the command line "
+            "(--peft '{\"r\": 8}'). task_type "
+            "follows the student's head (SEQ_CLS, TOKEN_CLS, CAUSAL_LM); a classifier's head is trained in full."
+        },
+    )
+    save_merged: bool = field(
+        default=False,
+        metadata={
+            "help": "With peft: merge the adapter into the student and save a plain transformers model in "
+            "<output_dir>/student. Otherwise the adapter is saved there and its base in <output_dir>/student_base."
+        },
+    )
+    teacher_adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A PEFT adapter (folder or Hub id) of teacher_model_name_or_path: loaded on it, merged "
+            "(merge_and_unload) and frozen. Its adapter_config.json must name teacher_model_name_or_path as its base."
+        },
+    )
 
     def __post_init__(self):
+        if self.peft is not None:
+            self.peft = check_peft_settings(self.peft)
+        if self.save_merged and self.peft is None:
+            raise ValueError(
+                "save_merged=True merges a LoRA adapter into the student, but peft is unset (the student is trained "
+                "in full and saved as a plain model anyway). Drop save_merged, or set peft to train with LoRA."
+            )
         if self.student_num_layers is not None and self.student_num_layers < 1:
             raise ValueError(
                 f"student_num_layers must be >= 1, got {self.student_num_layers}. Use e.g. half the teacher's depth."

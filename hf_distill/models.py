@@ -22,6 +22,7 @@ from transformers import (
 from transformers.models.auto import modeling_auto
 
 from .arguments import ModelArguments
+from .peft_setup import apply_lora, head_modules, merge_teacher_adapter, read_teacher_adapter
 from .recipes import looks_local
 from .student import make_student
 
@@ -117,10 +118,17 @@ def load_teacher(model_args: ModelArguments, num_labels: int | None = None):
             encoder such as `BertModel`) gets a fresh head of `num_labels` classes, with a warning: its logits carry
             no signal until it is fine-tuned.
 
+        With `teacher_adapter_name_or_path`, the adapter is checked against the teacher (`adapter_config.json`'s base
+        model and task, safetensors weights) before any weight is loaded, then loaded on the teacher and merged (see
+        `hf_distill.peft_setup.merge_teacher_adapter`); its `modules_to_save` may supply the trained head.
+
     Returns:
         `(teacher, tokenizer)`.
     """
     path = _check_exists(model_args.teacher_model_name_or_path, "teacher_model_name_or_path")
+    adapter = model_args.teacher_adapter_name_or_path
+    if adapter:
+        adapter_folder, adapter_config = read_teacher_adapter(adapter, path)
     config = _load_config(path, "teacher_model_name_or_path", model_args.trust_remote_code)
     kwargs = {} if num_labels is None else {"num_labels": num_labels}
     teacher, info = _from_pretrained(
@@ -137,6 +145,10 @@ def load_teacher(model_args: ModelArguments, num_labels: int | None = None):
             "Use a teacher fine-tuned on this label set (label_column must hold the same classes, numbered as in the "
             "teacher's config.id2label), or data with the teacher's classes.",
         )
+    elif adapter and any(
+        h.endswith(tuple(m for m in adapter_config.get("modules_to_save") or () if m)) for h in head_modules(teacher)
+    ):
+        logger.info("teacher_model_name_or_path=%r has no trained head: the teacher adapter's supplies it.", path)
     else:
         logger.warning(
             "teacher_model_name_or_path=%r has no trained classification head (a bare encoder checkpoint?): its head "
@@ -151,6 +163,8 @@ def load_teacher(model_args: ModelArguments, num_labels: int | None = None):
         "weights of the checkpoint do not fit its config",
         "Re-save the teacher with save_pretrained.",
     )
+    if adapter:
+        teacher = merge_teacher_adapter(teacher, adapter_folder, adapter_config, adapter)
     tokenizer_path = model_args.tokenizer_name_or_path or path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=model_args.trust_remote_code)
     return teacher, tokenizer
@@ -205,10 +219,16 @@ def load_student(model_args: ModelArguments, teacher: PreTrainedModel) -> PreTra
 
 
 def load_or_make_student(model_args: ModelArguments, teacher: PreTrainedModel) -> PreTrainedModel:
-    """Load `student_model_name_or_path` (see `load_student`), or build a student from the teacher's layers."""
+    """Load `student_model_name_or_path` (see `load_student`), or build a student from the teacher's layers.
+
+    With `peft`, the student is returned wrapped in a LoRA `PeftModel` of its head's task (base frozen, adapter and a
+    classifier's head trained; see `hf_distill.peft_setup.apply_lora`).
+    """
     if model_args.student_model_name_or_path:
-        return load_student(model_args, teacher)
-    return make_student(teacher, num_layers=model_args.student_num_layers, layers=model_args.student_layer_list)
+        student = load_student(model_args, teacher)
+    else:
+        student = make_student(teacher, num_layers=model_args.student_num_layers, layers=model_args.student_layer_list)
+    return student if model_args.peft is None else apply_lora(student, model_args.peft)
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

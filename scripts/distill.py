@@ -34,6 +34,7 @@ from hf_distill import (
 )
 from hf_distill.data import check_transfer_weights
 from hf_distill.evaluation import evaluate_model, measure_speedup
+from hf_distill.peft_setup import check_peft_run, check_peft_trainer, export_peft_student, save_peft_student
 from hf_distill.placement import SHARDED_PLACEMENTS, teacher_placement
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None):
     recipe_path = args.recipe_path
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the student folder alone, at the end
     hub_token, training_args.hub_token = training_args.hub_token, None  # so no checkpoint's training_args.bin has it
+    check_peft_run(model_args, push=push)  # an adapter student is not pushed (its base would be missing)
 
     # ------------------------------------------------------------------ logging
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None):
 
     # ------------------------------------------------------------------ models
     teacher, tokenizer = load_teacher(model_args, num_labels=num_labels_of(raw, data_args.label_column))
-    student = load_or_make_student(model_args, teacher)  # a given student keeps its own config and class
+    student = load_or_make_student(model_args, teacher)  # a given student keeps its own config and class; LoRA if peft
     check_max_length(data_args.max_length, teacher=teacher, student=student)
     raw = apply_label_info(raw, data_args.label_column, teacher, student)  # class names -> both configs' id2label
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None):
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics(),
     )
+    check_peft_trainer(trainer)  # a LoRA student is merged or unloaded at the end: not under FSDP / ZeRO-3
 
     # ------------------------------------------------------------------ train (resume: see the run directory stage)
     trainer.add_callback(RunConfigCallback(settings))  # each checkpoint carries the settings it was trained with
@@ -121,17 +124,23 @@ def main(argv: list[str] | None = None):
     # ------------------------------------------------------------------ save the student alone (allow-list, atomic)
     student_dir = os.path.join(training_args.output_dir, "student")
     repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    # A LoRA student is saved merged (a plain model), or as its adapter plus the base in <output_dir>/student_base.
+    exported = None if model_args.peft is None else export_peft_student(trainer.model, merged=model_args.save_merged)
     card = student_card(
         model_args=model_args,
         data_args=data_args,
         training_args=training_args,
-        student=trainer.model,
+        student=trainer.model if exported is None else exported,
         teacher=teacher,
         metrics=card_metrics,
         recipe_path=recipe_path,
         model_name=repo_id if push else None,
     )
-    save_student_from_trainer(trainer, student_dir, card)  # weights, config, tokenizer, README.md: nothing else
+    if exported is None:
+        save_student_from_trainer(trainer, student_dir, card)  # weights, config, tokenizer, README.md: nothing else
+    else:
+        base_dir = os.path.join(training_args.output_dir, "student_base")
+        save_peft_student(trainer, exported, student_dir, card, merged=model_args.save_merged, base_folder=base_dir)
     logger.info("student saved to %s", student_dir)
 
     # ------------------------------------------------------------------ push (the student folder's files alone)
