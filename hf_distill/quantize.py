@@ -1,0 +1,96 @@
+"""int8 dynamic quantisation of a student: ONNX Runtime's for the exported model, PyTorch's own as the no-extra path.
+
+- **ONNX Runtime** (`quantize_onnx_dynamic`, the `export` extra): `onnxruntime.quantization.quantize_dynamic` stores
+  the weights of MatMul and Gather (embedding) nodes as int8 with one scale per tensor and quantises activations on
+  the fly at run time (`model_int8.onnx`). No calibration rows are needed.
+- **PyTorch** (`save_torch_int8` / `load_torch_int8`, nothing beyond torch): `torch.ao.quantization.quantize_dynamic`
+  on every `nn.Linear` (weights int8 per tensor, activations quantised on the fly); embeddings, norms and the rest
+  stay fp32. It is saved as `model_int8.pt`, `torch.save` of the quantised model's state dict, beside `config.json`;
+  `load_torch_int8(folder)` rebuilds the model from the config, quantises it the same way and loads the state dict.
+  Its kernels (fbgemm / qnnpack) run on CPU only. `torch.ao.quantization` is marked deprecated in favour of torchao
+  but is still in torch 2.13 and needs no extra package.
+
+Static int8 (calibrated activation ranges) is not implemented here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from .export import TASK_CLASSES, task_of
+
+ONNX_INT8 = "model_int8.onnx"
+TORCH_INT8 = "model_int8.pt"
+
+
+def quantize_onnx_dynamic(onnx_path: str | os.PathLike, output_path: str | os.PathLike) -> Path:
+    """Dynamic int8 (weights int8 per tensor) of the ONNX model at `onnx_path`, written to `output_path`."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as err:
+        raise ImportError('onnx-int8 quantisation needs onnx and onnxruntime: pip install -e ".[export]"') from err
+    onnx_path, output_path = Path(onnx_path), Path(output_path)
+    if not onnx_path.is_file():
+        raise ValueError(f"onnx_path {str(onnx_path)!r} is not a file; export the student first (export_student).")
+    quantize_dynamic(onnx_path, output_path, weight_type=QuantType.QInt8)
+    return output_path
+
+
+def check_torch_int8(model: nn.Module) -> None:
+    """Refuse models PyTorch's dynamic int8 cannot quantise usefully, or a torch build without its CPU kernels."""
+    engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+    if not engines:
+        raise ValueError(
+            "quantize='torch-int8' needs a quantized engine, but torch.backends.quantized.supported_engines has none "
+            "in this torch build. Use quantize='onnx-int8'."
+        )
+    # GPT-2 keeps its blocks' weights in transformers' Conv1D (a transposed Linear), which quantize_dynamic skips:
+    # only the LM head would be quantised, so the "int8" model would be fp32 blocks and no smaller.
+    conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+    if conv1d:
+        raise ValueError(
+            f"quantize='torch-int8' quantises nn.Linear only, but model_type {model.config.model_type!r} keeps its "
+            f"block weights in transformers Conv1D layers ({conv1d[0]!r} and {len(conv1d) - 1} more), which it "
+            "would leave fp32. Use quantize='onnx-int8' for this family."
+        )
+    if not any(isinstance(module, nn.Linear) for module in model.modules()):
+        raise ValueError(
+            f"quantize='torch-int8' quantises nn.Linear layers, and {type(model).__name__} has none. "
+            "Use quantize='onnx-int8'."
+        )
+
+
+def quantize_torch_dynamic(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every `nn.Linear` replaced by PyTorch's dynamic int8 Linear (CPU, eval mode)."""
+    check_torch_int8(model)
+    return torch.ao.quantization.quantize_dynamic(model.cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def save_torch_int8(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Quantise `model` with `quantize_torch_dynamic` and `torch.save` its state dict to `path` (`model_int8.pt`).
+
+    The folder of `path` must also hold the model's `config.json` for `load_torch_int8`."""
+    path = Path(path)
+    torch.save(quantize_torch_dynamic(model).state_dict(), path)
+    return path
+
+
+def load_torch_int8(folder: str | os.PathLike) -> nn.Module:
+    """The PyTorch int8 student saved by `save_torch_int8` in `folder` (beside its `config.json`), in eval mode."""
+    folder = Path(folder)
+    if not (folder / TORCH_INT8).is_file() or not (folder / "config.json").is_file():
+        raise ValueError(
+            f"folder {str(folder)!r} needs {TORCH_INT8} and config.json; write them with "
+            "export_student(..., quantize='torch-int8')."
+        )
+    config = AutoConfig.from_pretrained(folder)
+    model = TASK_CLASSES[task_of(config, folder)].from_config(config, attn_implementation="eager")
+    model = quantize_torch_dynamic(model)
+    # The state dict holds int8 tensors, their scales and dtypes only: loadable with weights_only.
+    model.load_state_dict(torch.load(folder / TORCH_INT8, weights_only=True))
+    return model.eval()
