@@ -312,7 +312,7 @@ def read_teacher_adapter(adapter: str, teacher_path: str) -> tuple[str, dict[str
     """
     field = "teacher_adapter_name_or_path"
     require_peft(field)
-    from .recipes import looks_local
+    from .recipes import looks_local  # not at the top: recipes imports arguments, which imports this module
 
     folder = adapter
     if not os.path.isdir(adapter):
@@ -505,7 +505,7 @@ def save_adapter(model, tokenizer, folder: str, card: str, *, base_model_name_or
 def save_peft_student(trainer, exported: PreTrainedModel, folder: str, card: str, *, merged: bool, base_folder: str):
     """Save a trained LoRA student: `exported` (from `export_peft_student`) as a plain model in `folder` (merged),
     or the adapter in `folder` and `exported`, its base, in `base_folder`. Call on every process."""
-    from .hub import save_student
+    from .hub import save_student  # hub imports the trainer: kept out of ModelArguments' imports of this module
 
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
