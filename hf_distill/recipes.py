@@ -50,6 +50,7 @@ RECIPE_MODEL_FIELDS = (
     "student_model_name_or_path",
     "tokenizer_name_or_path",
     "augment_mlm_model_name_or_path",
+    "teacher_adapter_name_or_path",
 )
 ROOT_MARKERS = ("pyproject.toml", ".git")
 

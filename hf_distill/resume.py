@@ -124,6 +124,7 @@ PATH_FIELDS = (
     "teacher_model_name_or_path",
     "student_model_name_or_path",
     "tokenizer_name_or_path",
+    "teacher_adapter_name_or_path",
     "train_file",
     "validation_file",
 )

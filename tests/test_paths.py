@@ -61,6 +61,7 @@ def test_recipe_root_is_the_nearest_repository_else_the_recipe_folder(tmp_path, 
                 "teacher_model_name_or_path": "models/teacher",  # one '/', but a local directory of the repository
                 "student_model_name_or_path": "org/student",  # a Hub id: no such local path
                 "tokenizer_name_or_path": "./tok",
+                "teacher_adapter_name_or_path": "./adapters/teacher",  # a local PEFT adapter
             }
         )
     )
@@ -76,6 +77,7 @@ def test_recipe_root_is_the_nearest_repository_else_the_recipe_folder(tmp_path, 
     assert recipe["teacher_model_name_or_path"] == expected_teacher
     assert recipe["student_model_name_or_path"] == "org/student"
     assert recipe["tokenizer_name_or_path"] == str(root / "tok")
+    assert recipe["teacher_adapter_name_or_path"] == str(root / "adapters" / "teacher")
 
 
 def test_command_line_paths_stay_relative_to_the_cwd(tmp_path, monkeypatch):

@@ -311,3 +311,17 @@ def test_explicit_resume_from_checkpoint_is_checked_too(tmp_path):
         prepare_output_dir(out, settings_of(), resume_from_checkpoint=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="asks to resume but overwrite_output_dir=true"):
         prepare_output_dir(out, settings_of(), resume_from_checkpoint=str(checkpoint), overwrite_output_dir=True)
+
+
+def test_local_model_paths_of_the_settings_are_absolute(tmp_path, monkeypatch):
+    """A relative teacher adapter folder is recorded absolute, like the teacher's: a resume from another working
+    directory compares the same folder, not the same text."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "adapter").mkdir()
+    settings = run_settings(
+        ModelArguments(teacher_model_name_or_path="teacher", teacher_adapter_name_or_path="adapter"),
+        DataArguments(train_file="train.tsv"),
+    )
+    assert settings["teacher_model_name_or_path"] == str(tmp_path / "teacher")
+    assert settings["teacher_adapter_name_or_path"] == str(tmp_path / "adapter")
