@@ -8,11 +8,12 @@ both use it, `token_type_ids`, each of shape (batch, sequence) with both axes dy
 files, `config.json` and `export_info.json` (task, opset, inputs, the measured differences, file sizes). It is written
 into a temporary sibling folder and renamed into place at the end, so a failed export leaves nothing half-written.
 
-Exporter: `torch.onnx.export(..., dynamo=True)`, the `torch.export`-based exporter, PyTorch's default and the one it
-maintains since 2.9 (the TorchScript exporter is deprecated there). `optimum-onnx` 0.1.0, the only release in the
-registry, pins `transformers<4.58`: installing it downgrades this project's transformers 5 to 4.57, so it cannot be
-used with transformers 5.24, and its exporter (tracing with per-architecture `OnnxConfig`s) adds no family the
-dynamo exporter lacks here: every family `make_student` supports exports with it (see tests/test_export.py).
+Exporter: `torch.onnx.export(..., dynamo=True)`, the `torch.export`-based exporter (it writes through onnxscript),
+PyTorch's default and the one it maintains since 2.9; the TorchScript exporter (`dynamo=False`) is deprecated there
+and warns so. `optimum-onnx` 0.1.0, the only release in the package registry, pins `transformers<4.58`: installing
+it downgrades this project's transformers 5 to 4.57.6, so it cannot be used with transformers 5.24. The dynamo
+exporter is slower to trace than TorchScript (seconds per tiny model) but exports every family and head tested in
+tests/test_export.py with the batch and sequence axes dynamic.
 
 The model is loaded with `attn_implementation="eager"` (transformers 5 defaults BERT, Llama and others to SDPA).
 Measured here on a tiny BERT: the dynamo exporter matched PyTorch with SDPA too (3.7e-9), but the TorchScript
