@@ -86,11 +86,21 @@ from .losses import (
     sparse_teacher_distribution,
     total_variation_loss,
 )
+from .losses.relations import (
+    RELATION_LOSSES,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    rkd_loss,
+    similarity_preserving_loss,
+)
 from .losses.task import task_loss
 from .models import check_max_length, load_or_make_student, load_student, load_teacher
+from .noisy_teacher import TeacherNoise, noise_generator, noisy_teacher_logits
 from .placement import prepare_teacher, teacher_placement
 from .recipes import check_recipe_keys, display_path, load_recipe, recipe_root, resolve_recipe_paths
+from .relation_term import RelationTerm, pool_hidden
 from .resume import RunConfigCallback, prepare_output_dir, run_settings
+from .schedules import TermSchedule, TermSchedules, parse_schedules
 from .student import default_student_layers, get_layers, make_student, num_layers
 from .trainer import DistillationTrainer, NonFiniteLossError
 from .tune import TuneResult, load_tuning_splits, tune_distillation
@@ -215,4 +225,17 @@ __all__ = [
     "search_dimensions",
     "tune_distillation",
     "write_tuning_outputs",
+    "RELATION_LOSSES",
+    "RelationTerm",
+    "TeacherNoise",
+    "TermSchedule",
+    "TermSchedules",
+    "noise_generator",
+    "noisy_teacher_logits",
+    "parse_schedules",
+    "pool_hidden",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "rkd_loss",
+    "similarity_preserving_loss",
 ]

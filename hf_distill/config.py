@@ -11,8 +11,19 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .losses import ATTENTION_LOSSES, FUSED_DIVERGENCES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
+from .losses.relations import RELATION_LOSSES
+from .noisy_teacher import NOISE_MODES, check_noise_args
+from .relation_term import RELATION_POOLINGS, check_relation_args
+from .schedules import parse_schedules
 
-LOSS_WEIGHT_FIELDS = ("task_weight", "logits_weight", "hidden_weight", "embeddings_weight", "attention_weight")
+LOSS_WEIGHT_FIELDS = (
+    "task_weight",
+    "logits_weight",
+    "hidden_weight",
+    "embeddings_weight",
+    "attention_weight",
+    "relation_weight",
+)
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHER_CACHE_DTYPES = ("float16", "float32")
@@ -59,6 +70,7 @@ class DistillationConfig(TrainingArguments):
 
         loss = task_weight * loss_task + logits_weight * loss_logits + hidden_weight * loss_hidden
              + embeddings_weight * loss_embeddings + attention_weight * loss_attention
+             + relation_weight * loss_relation
 
     Parameters:
         temperature (`float`, defaults to `2.0`):
@@ -167,6 +179,46 @@ class DistillationConfig(TrainingArguments):
             term is normalised by the number of scored positions. Sequence classification ignores it (one row per
             sequence). Hidden-state, embedding and attention matching always use every real token (feature
             matching is about representations, not predictions).
+        relation_weight (`float`, defaults to `0.0`):
+            Weight of relation-based KD across the samples of a batch on pooled hidden states (see
+            `hf_distill.relation_term`): `relation_loss` between the student's and the teacher's representations of
+            the batch, the outputs of the blocks of `relation_layer` pooled by `relation_pooling`. Widths may differ
+            (no projection). A relation is a per-micro-batch mean, not a per-item sum: under gradient accumulation
+            each micro-batch's value is weighted by its share of the window's rows.
+        relation_loss (`str`, defaults to `"rkd"`):
+            `rkd_distance` (RKD distance-wise: Huber loss between pairwise distances normalised by their mean),
+            `rkd_angle` (RKD angle-wise: Huber loss between the cosines of the angles of every triplet), `rkd`
+            (distance + 2 x angle, the paper's weights), Park et al. 2019, https://arxiv.org/abs/1904.05068; or
+            `sp` (similarity-preserving KD: squared Frobenius distance between the row-normalised B x B similarity
+            matrices, over B²), Tung & Mori 2019, https://arxiv.org/abs/1907.09682.
+        relation_pooling (`str`, defaults to `"mean"`):
+            How a block's `(B, L, H)` hidden states become one vector per sample: `mean` over the real tokens of the
+            attention mask, or `cls`, the first real token (what BERT / MPNet classification heads read; refused for
+            causal LMs, whose first token sees only itself).
+        relation_layer (`str`, *optional*):
+            The `teacher->student` block pair whose outputs are compared, e.g. `"11->5"` (negative indices count
+            from the end); `None` is the last block of each. With `use_teacher_cache` the teacher block must be one
+            the cache stores (a hidden-matching pair's teacher layer), else the trainer refuses.
+        teacher_noise_std (`float`, defaults to `0.0`):
+            Noisy teacher (Sau & Balasubramanian 2016, https://arxiv.org/abs/1610.09650): standard deviation of the
+            Gaussian noise added to the teacher's logits (live or cached) before the logit term's softmax, in
+            training only (never in evaluation); the logit term is then computed as usual. The rows perturbed and
+            the noise are a function of `seed`, the step and the micro-batch, so a resumed run draws the same noise
+            (see `hf_distill.noisy_teacher`). 0 is off. Needs `logits_weight > 0`, and logits to perturb: not with
+            `teacher_cache_top_k_tail` or `fused_lm_head`.
+        teacher_noise_fraction (`float`, defaults to `1.0`):
+            Share of the samples (rows) whose teacher logits get noise, in (0, 1] (the paper's alpha): exactly
+            `fraction x B` rows of each micro-batch when that is whole, that many on average otherwise.
+        teacher_noise_mode (`str`, defaults to `"additive"`):
+            `additive` (`z + std * eps`) or `multiplicative` (`z * (1 + std * eps)`, the `(1 + xi) z` form of
+            KD_Lib's implementation of the paper).
+        schedules (`list`, *optional*):
+            Schedules of `temperature` or of loss weights, one per field, each applied at every optimizer step's
+            beginning as a function of the step alone (`hf_distill.schedules.TermSchedule`: linear or cosine from
+            `start` to `end` between `start_step` and `end_step`, a weight 0 before `start_step`). Each entry is a
+            mapping of `TermSchedule`'s arguments (`{field: temperature, start: 4.0, end: 1.0, kind: cosine}`) or the
+            same as `key=value` pairs (`"field=relation_weight start=25 start_step=100"`). A scheduled weight must be
+            > 0 in the config (the trainer builds only the terms whose weight is > 0).
     """
 
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the logit term (> 0)."})
@@ -243,6 +295,53 @@ class DistillationConfig(TrainingArguments):
             "(shifted for causal LMs), 'all_tokens' = the attention mask. Sequence classification ignores it."
         },
     )
+    relation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of relation-based KD on pooled hidden states across the batch (RKD, "
+            "https://arxiv.org/abs/1904.05068; similarity-preserving KD, https://arxiv.org/abs/1907.09682)."
+        },
+    )
+    relation_loss: str = field(
+        default="rkd",
+        metadata={
+            "help": f"Relation loss, one of {sorted(RELATION_LOSSES)}: RKD distance / angle / both "
+            "(https://arxiv.org/abs/1904.05068), or similarity-preserving 'sp' (https://arxiv.org/abs/1907.09682)."
+        },
+    )
+    relation_pooling: str = field(
+        default="mean",
+        metadata={"help": f"Pooling of the relation term's hidden states, one of {RELATION_POOLINGS} (real tokens)."},
+    )
+    relation_layer: str | None = field(
+        default=None,
+        metadata={"help": "Relation term's 'teacher->student' block pair, e.g. '11->5'; None: the last of each."},
+    )
+    teacher_noise_std: float = field(
+        default=0.0,
+        metadata={
+            "help": "Noisy teacher (https://arxiv.org/abs/1610.09650): std (>= 0) of the Gaussian noise added to the "
+            "teacher's logits before the logit term's softmax, in training only; 0 is off."
+        },
+    )
+    teacher_noise_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Noisy teacher (https://arxiv.org/abs/1610.09650): share in (0, 1] of the rows perturbed."},
+    )
+    teacher_noise_mode: str = field(
+        default="additive",
+        metadata={
+            "help": f"Noisy teacher (https://arxiv.org/abs/1610.09650), one of {NOISE_MODES}: z + std*eps, or "
+            "z * (1 + std*eps)."
+        },
+    )
+    schedules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Schedules of temperature or loss weights (hf_distill.schedules.TermSchedule), each a mapping or "
+            "'field=temperature start=4 end=1 kind=cosine [start_step=0] [end_step=N]'."
+        },
+    )
 
     def __post_init__(self):
         # The trainer computes its own loss from the logits; the labels column must reach compute_loss and
@@ -286,6 +385,9 @@ class DistillationConfig(TrainingArguments):
         parse_layer_mapping(self.layer_mapping)  # syntax check; ranges are checked against the models later
         self._check_lm_distillation()
         self._check_teacher_cache()
+        check_relation_args(self)  # relation_* (hf_distill.relation_term)
+        check_noise_args(self)  # teacher_noise_* (hf_distill.noisy_teacher)
+        parse_schedules(self.schedules, self)  # hf_distill.schedules
 
     def _check_lm_distillation(self) -> None:
         if not 0.0 <= self.jsd_beta <= 1.0:

@@ -26,6 +26,7 @@ from .logit_term import (
 )
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
 from .losses.task import labelled_float_rows, task_loss
+from .noisy_teacher import TeacherNoise
 from .placement import prepare_teacher, teacher_placement
 from .preflight import (
     SAMPLE_TEXTS,
@@ -36,6 +37,8 @@ from .preflight import (
     preflight_tokenizers,
 )
 from .projections import PROJECTIONS_NAME, ZeroProjectionGrads
+from .relation_term import build_relation_term, relation_layers, relation_term
+from .schedules import TermSchedules, parse_schedules
 from .student import num_layers
 from .tasks import (
     MULTI_LABEL,
@@ -53,7 +56,7 @@ from .trainer_projections import ProjectionsMixin
 
 logger = logging.get_logger(__name__)
 
-TERMS = ("task", "logits", "hidden", "embeddings", "attention")
+TERMS = ("task", "logits", "hidden", "embeddings", "attention", "relation")
 # Index of each count in the tensor `_get_num_items_in_batch` returns for a gradient-accumulation window: rows,
 # labelled items (rows for regression / multi-label), real tokens, and the positions the token-level logit term
 # scores (see `DistillationConfig.distill_on`).
@@ -86,6 +89,11 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
     `logits_chunk_size` computes it a chunk of positions at a time, and `fused_lm_head` (causal LMs) computes it and
     the task term from both models' last hidden states and LM heads, without any (tokens x vocabulary) logits in
     training (see `hf_distill.logit_term`).
+
+    `relation_weight` adds a relation term across the batch's samples (RKD / similarity-preserving KD on pooled
+    hidden states, `hf_distill.relation_term`), `teacher_noise_std` perturbs the teacher's logits in training
+    (noisy teacher, `hf_distill.noisy_teacher`), and `schedules` set the temperature and the weights at every
+    step (`hf_distill.schedules`).
 
     With `teacher_cache_top_k_tail` the logit term is the forward KL against the teacher's top-k + tail
     (`sparse_kl_loss`), from the cache or from the live teacher's logits alike.
@@ -188,6 +196,11 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
             )
         if args.attention_weight > 0:
             check_attention_compatible(self.teacher, model)
+        # Built before the cache is attached: a relation layer the cache would not hold is refused here.
+        self.relation = build_relation_term(args, self.teacher, model, self.layer_matches)
+        self._teacher_noise = TeacherNoise(args)  # teacher_noise_std > 0: noised logits in training only
+        if args.schedules:
+            self.add_callback(TermSchedules(parse_schedules(args.schedules, args)))
         self.projections = build_projections(
             self.layer_matches,
             hidden_size(model.config),
@@ -325,6 +338,8 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
         hidden = [m for m in self.layer_matches if m.feature == "hidden"]
         attention = [m for m in self.layer_matches if m.feature == "attention"]
         embeddings = args.embeddings_weight > 0
+        relation = self.relation if args.relation_weight > 0 else None  # a schedule may hold it at 0
+        relation_student, relation_teacher = relation_layers(relation)
 
         # With fused_lm_head the models' LM heads run on no position and their inputs, the last hidden states, are
         # kept instead: `last_hidden_states` hooks the decoder bodies (see hf_distill.logit_term).
@@ -336,7 +351,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
             student = forward_with_features(
                 model,
                 student_inputs,
-                hidden_layers=sorted({m.student_layer for m in hidden}),
+                hidden_layers=sorted({m.student_layer for m in hidden} | relation_student),
                 attention_layers=sorted({m.student_layer for m in attention}),
                 embeddings=embeddings,
             )
@@ -359,7 +374,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
                 inputs,
                 num_classes=s_logits.shape[-1] if s_logits is not None else 0,
                 logits=args.logits_weight > 0,
-                hidden_layers=sorted({m.teacher_layer for m in hidden}),
+                hidden_layers=sorted({m.teacher_layer for m in hidden} | relation_teacher),
                 attention_layers=sorted({m.teacher_layer for m in attention}),
                 embeddings=embeddings,
             )
@@ -371,7 +386,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
                 teacher = forward_with_features(
                     self.teacher,
                     teacher_inputs,
-                    hidden_layers=sorted({m.teacher_layer for m in hidden}),
+                    hidden_layers=sorted({m.teacher_layer for m in hidden} | relation_teacher),
                     attention_layers=sorted({m.teacher_layer for m in attention}),
                     embeddings=embeddings,
                 )
@@ -416,9 +431,8 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
             else:
                 table = MULTI_LABEL_LOGIT_LOSSES if problem_type == MULTI_LABEL else KD_LOGIT_LOSSES
                 sparse = getattr(teacher.outputs, "sparse_logits", None)  # a top-k + tail cache
-                terms["logits"] = logit_term(
-                    s_logits, teacher.outputs.logits, positions, args, table, window["logits"], sparse
-                )
+                t_logits = self._teacher_noise(teacher.outputs.logits, self.state.global_step, model.training)
+                terms["logits"] = logit_term(s_logits, t_logits, positions, args, table, window["logits"], sparse)
         # Feature matching compares representations of every real token, whatever `distill_on` says.
         if hidden:
             terms["hidden"] = _weighted_mean(
@@ -456,6 +470,13 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
                 [m.weight for m in attention],
             )
             micro["attention"], window["attention"] = micro_tokens, n_tokens
+
+        if relation is not None:  # a per-micro-batch mean weighted by its share of the window's rows
+            window["relation"] = counts[ROWS] if counts is not None else None
+            terms["relation"] = relation_term(
+                relation, student.hidden_states, teacher.hidden_states, mask, window["relation"]
+            )
+            micro["relation"] = rows
 
         if not terms:
             raise ValueError(
