@@ -297,3 +297,11 @@ def test_benchmarks_md_tables_are_generated_from_the_committed_records():
         before = text[:position].rstrip().splitlines()[-1]
         assert before.startswith(UNRECORDED), f"a results table outside a results block: {text[position:][:80]!r}"
     assert len(outside) <= 1  # the MPNet run of 2026-11-24, until the flagship run replaces it
+
+
+def test_the_plotted_loss_terms_are_the_trainers():
+    """Every term the trainer logs has a loss curve (benchmark_report keeps its own tuple to stay import-light)."""
+    from hf_distill.benchmark_report import LOSS_TERMS
+    from hf_distill.trainer import TERMS
+
+    assert LOSS_TERMS == TERMS
