@@ -196,13 +196,35 @@ def loss_terms(args: Any) -> list[tuple[str, float, str]]:
         "hidden": f"{getattr(args, 'hidden_loss', None)} between hidden states, {mapping}",
         "embeddings": f"{getattr(args, 'hidden_loss', None)} between embedding outputs",
         "attention": f"{getattr(args, 'attention_loss', None)} between attention probabilities, {mapping}",
+        "relation": f"{getattr(args, 'relation_loss', None)} between the batch's "
+        f"{getattr(args, 'relation_pooling', None)}-pooled representations of block pair {getattr(args, 'relation_layer', None) or 'last->last'} "
+        "(relation-based KD)",
     }
+    if (getattr(args, "teacher_noise_std", 0) or 0) > 0:
+        described["logits"] += (
+            f"; noisy teacher: {args.teacher_noise_mode} Gaussian noise of std {args.teacher_noise_std} on the "
+            f"teacher's logits of {args.teacher_noise_fraction:.0%} of the rows, in training"
+        )
+    schedules = getattr(args, "schedules", None) or []
     terms = []
     for term, what in described.items():
         weight = getattr(args, f"{term}_weight", 0) or 0
         if weight > 0:
-            terms.append((term, float(weight), what))
+            fields_ = (f"{term}_weight", "temperature") if term == "logits" else (f"{term}_weight",)
+            scheduled = [str(s) for s in schedules if _scheduled_field(s) in fields_]
+            terms.append((term, float(weight), what + "".join(f"; scheduled: {s}" for s in scheduled)))
     return terms
+
+
+def _scheduled_field(entry: Any) -> str | None:
+    """The field a `schedules` entry changes (a mapping's `field`, or `field=...` in a `key=value` string)."""
+    if isinstance(entry, dict):
+        return entry.get("field")
+    for pair in str(entry).split():
+        key, _, value = pair.partition("=")
+        if key == "field":
+            return value
+    return None
 
 
 def _params(n: int) -> str:

@@ -216,3 +216,25 @@ def test_the_card_states_the_divergence_and_its_parameter(tmp_path, settings, sa
     args = DistillationConfig(output_dir=str(tmp_path), temperature=2.0, logits_weight=0.5, **settings)
     (logits,) = [what for term, _, what in loss_terms(args) if term == "logits"]
     assert says in logits and not any(word in logits for word in never)
+
+
+@pytest.mark.parametrize(
+    "settings, term, says",
+    [
+        ({"relation_weight": 1.0, "relation_loss": "sp", "relation_pooling": "cls"}, "relation",
+         "sp between the batch's cls-pooled representations of block pair last->last"),
+        ({"relation_weight": 1.0, "relation_layer": "3->1"}, "relation", "block pair 3->1"),
+        ({"teacher_noise_std": 0.5, "teacher_noise_fraction": 0.25}, "logits",
+         "noisy teacher: additive Gaussian noise of std 0.5 on the teacher's logits of 25% of the rows"),
+        ({"schedules": [{"field": "temperature", "start": 4.0, "end": 1.0}]}, "logits",
+         "scheduled: {'field': 'temperature'"),
+        ({"relation_weight": 1.0, "schedules": ["field=relation_weight start=1 end=0.1"]}, "relation",
+         "scheduled: field=relation_weight start=1 end=0.1"),
+    ],
+)  # fmt: skip
+def test_the_card_states_relations_noise_and_schedules(tmp_path, settings, term, says):
+    from hf_distill.hub import loss_terms
+
+    args = DistillationConfig(output_dir=str(tmp_path), logits_weight=0.5, **settings)
+    (what,) = [what for name, _, what in loss_terms(args) if name == term]
+    assert says in what
