@@ -188,6 +188,7 @@ def _fused(args: Any) -> str:
 def loss_terms(args: Any) -> list[tuple[str, float, str]]:
     """`(term, weight, what)` for each loss term of a [`DistillationConfig`] with a non-zero weight."""
     mapping = f"teacher->student layer mapping `{getattr(args, 'layer_mapping', None)}`"
+    pair = getattr(args, "relation_layer", None) or "last->last"
     described = {
         "task": "task loss on the labels",
         "logits": f"{getattr(args, 'logits_loss', None)}{_divergence_parameter(args)} at temperature "
@@ -197,8 +198,7 @@ def loss_terms(args: Any) -> list[tuple[str, float, str]]:
         "embeddings": f"{getattr(args, 'hidden_loss', None)} between embedding outputs",
         "attention": f"{getattr(args, 'attention_loss', None)} between attention probabilities, {mapping}",
         "relation": f"{getattr(args, 'relation_loss', None)} between the batch's "
-        f"{getattr(args, 'relation_pooling', None)}-pooled representations of block pair {getattr(args, 'relation_layer', None) or 'last->last'} "
-        "(relation-based KD)",
+        f"{getattr(args, 'relation_pooling', None)}-pooled representations of block pair {pair} (relation-based KD)",
     }
     if (getattr(args, "teacher_noise_std", 0) or 0) > 0:
         described["logits"] += (
