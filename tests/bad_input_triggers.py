@@ -62,6 +62,15 @@ def config(tmp: Path, **kw) -> DistillationConfig:
     return DistillationConfig(output_dir=str(tmp / "out"), report_to="none", use_cpu=True, **kw)
 
 
+def headless_trainer(tmp: Path, **kw) -> DistillationTrainer:
+    """Bare bodies (BertModel, no head) as teacher and student: feature terms only (general distillation)."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    body = lambda: BertModel(tiny_bert_config(num_layers=2, hidden=16))  # noqa: E731
+    return DistillationTrainer(model=body(), teacher_model=body(), args=config(tmp, **kw))
+
+
 def trainer(tmp: Path, student_model=None, teacher_model=None, **kw) -> DistillationTrainer:
     return DistillationTrainer(
         model=student_model or student(), teacher_model=teacher_model or teacher(), args=config(tmp, **kw)
