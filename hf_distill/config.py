@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from .losses import ATTENTION_LOSSES, FUSED_DIVERGENCES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
 from .losses.relations import RELATION_LOSSES
 from .noisy_teacher import NOISE_MODES, check_noise_args
+from .on_policy import check_on_policy_args
 from .relation_term import RELATION_POOLINGS, check_relation_args
 from .schedules import parse_schedules
 
@@ -179,6 +180,29 @@ class DistillationConfig(TrainingArguments):
             term is normalised by the number of scored positions. Sequence classification ignores it (one row per
             sequence). Hidden-state, embedding and attention matching always use every real token (feature
             matching is about representations, not predictions).
+        lmbda (`float`, defaults to `0.0`):
+            On-policy distillation of causal LMs (GKD, Agarwal et al. 2024, https://arxiv.org/abs/2306.13649): the
+            fraction of training micro-batches whose completions the student samples itself (`generate` in eval
+            mode, under no_grad) from each row's prompt (its real tokens before the first labelled one); the teacher
+            scores them and the logit term is taken on the completion tokens only, normalised over the whole
+            accumulation window (see `hf_distill.on_policy`). Which batches go on-policy is a function of `seed`, the
+            step and the micro-batch (a resumed run makes the same choices). 0 is off, 1 every batch. Needs causal
+            LMs, `task_weight=0` (the task term would be the student's cross-entropy on its own samples),
+            `distill_on="labels"` and no teacher cache; evaluation uses the dataset's batches.
+        seq_kd (`bool`, defaults to `False`):
+            Sequence-level KD: the micro-batches not drawn for the student get completions the teacher samples
+            (TRL's order: the student's `lmbda` draw first, then `seq_kd`). With `lmbda=0`, every batch.
+        max_new_tokens (`int`, defaults to `128`):
+            `lmbda` / `seq_kd`: the most tokens generated per completion; a completion also ends at its first EOS
+            (the student's `generation_config.eos_token_id`, else the tokenizer's), which is labelled.
+        generation_temperature (`float`, defaults to `1.0`):
+            `lmbda` / `seq_kd`: sampling temperature (> 0) of the completions; 1.0 samples from the model's own
+            distribution. Separate from `temperature`, the logit term's.
+        generation_top_k (`int`, defaults to `0`):
+            `lmbda` / `seq_kd`: sample among the k most likely tokens only; 0 is off. The checkpoint's own
+            `generation_config` (repetition penalty, its top-k, ...) is never applied.
+        generation_top_p (`float`, defaults to `1.0`):
+            `lmbda` / `seq_kd`: nucleus sampling in (0, 1]; 1.0 is off.
         relation_weight (`float`, defaults to `0.0`):
             Weight of relation-based KD across the samples of a batch on pooled hidden states (see
             `hf_distill.relation_term`): `relation_loss` between the student's and the teacher's representations of
@@ -295,6 +319,23 @@ class DistillationConfig(TrainingArguments):
             "(shifted for causal LMs), 'all_tokens' = the attention mask. Sequence classification ignores it."
         },
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy distillation (GKD, https://arxiv.org/abs/2306.13649): fraction in [0, 1] of batches "
+            "whose completions the student samples; the logit term is taken on those completion tokens."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "Sequence-level KD: the batches not drawn for the student get teacher-sampled completions."},
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "lmbda / seq_kd: most tokens per completion."})
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "lmbda / seq_kd: sampling temperature (> 0), not the loss's temperature."}
+    )
+    generation_top_k: int = field(default=0, metadata={"help": "lmbda / seq_kd: top-k sampling; 0 is off."})
+    generation_top_p: float = field(default=1.0, metadata={"help": "lmbda / seq_kd: top-p in (0, 1]; 1.0 is off."})
     relation_weight: float = field(
         default=0.0,
         metadata={
@@ -388,6 +429,7 @@ class DistillationConfig(TrainingArguments):
         check_relation_args(self)  # relation_* (hf_distill.relation_term)
         check_noise_args(self)  # teacher_noise_* (hf_distill.noisy_teacher)
         parse_schedules(self.schedules, self)  # hf_distill.schedules
+        check_on_policy_args(self)  # lmbda, seq_kd and the generation fields (hf_distill.on_policy)
 
     def _check_lm_distillation(self) -> None:
         if not 0.0 <= self.jsd_beta <= 1.0:

@@ -27,6 +27,7 @@ from .logit_term import (
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
 from .losses.task import labelled_float_rows, task_loss
 from .noisy_teacher import TeacherNoise
+from .on_policy import OnPolicyMixin
 from .placement import prepare_teacher, teacher_placement
 from .preflight import (
     SAMPLE_TEXTS,
@@ -65,7 +66,7 @@ NUM_COUNTS = 4
 __all__ = ["PROJECTIONS_NAME", "SAMPLE_TEXTS", "DistillationTrainer", "NonFiniteLossError", "forward_arg_names"]
 
 
-class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, Trainer):
+class DistillationTrainer(OnPolicyMixin, ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, Trainer):
     """Trains `model` (the student) to imitate a frozen `teacher_model`.
 
     The loss is `sum_k args.<k>_weight * loss_k` over the terms task, logits, hidden, embeddings and attention (see
@@ -89,6 +90,9 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
     `logits_chunk_size` computes it a chunk of positions at a time, and `fused_lm_head` (causal LMs) computes it and
     the task term from both models' last hidden states and LM heads, without any (tokens x vocabulary) logits in
     training (see `hf_distill.logit_term`).
+
+    With `lmbda` / `seq_kd` (causal LMs), micro-batches get completions sampled by the student / teacher before the
+    window is counted: on-policy distillation (GKD, see `hf_distill.on_policy`).
 
     `relation_weight` adds a relation term across the batch's samples (RKD / similarity-preserving KD on pooled
     hidden states, `hf_distill.relation_term`), `teacher_noise_std` perturbs the teacher's logits in training
@@ -224,6 +228,7 @@ class DistillationTrainer(ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, 
         self._fused_lm_head = args.fused_lm_head
         if self._fused_lm_head:
             check_fused_lm_head(model, self.teacher, teacher_placement(self.accelerator))
+        self._check_on_policy()  # lmbda / seq_kd: causal LMs, unsharded, prompts in the data
         self._logits_for_metrics = True  # False while prediction_step keeps the loss only (see compute_loss)
         self._term_metrics = TermMetrics(TERMS, self.args.device)
         self._term_mode, self._term_prefix = "train", "eval"  # which buffer compute_loss fills, and its log prefix
