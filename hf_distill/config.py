@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import ATTENTION_LOSSES, FUSED_DIVERGENCES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
+from .config_checks import TEACHER_CACHE_DTYPES, check_lm_distillation, check_teacher_cache
+from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
 from .losses.relations import RELATION_LOSSES
 from .noisy_teacher import NOISE_MODES, check_noise_args
 from .on_policy import check_on_policy_args
@@ -27,7 +28,6 @@ LOSS_WEIGHT_FIELDS = (
 )
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
-TEACHER_CACHE_DTYPES = ("float16", "float32")
 DISTILL_ON = ("labels", "all_tokens")
 # The values of `PretrainedConfig.problem_type`; `DataArguments.problem_type` picks one (None: from the labels).
 PROBLEM_TYPES = ("single_label_classification", "regression", "multi_label_classification")
@@ -424,43 +424,12 @@ class DistillationConfig(TrainingArguments):
                 "positions only, or 'all_tokens' for every real token."
             )
         parse_layer_mapping(self.layer_mapping)  # syntax check; ranges are checked against the models later
-        self._check_lm_distillation()
-        self._check_teacher_cache()
+        check_lm_distillation(self)  # jsd_beta, skew_alpha, logits_chunk_size, fused_lm_head
+        check_teacher_cache(self)  # teacher_cache_* (top-k, dtype, top-k + tail, what the cache can serve)
         check_relation_args(self)  # relation_* (hf_distill.relation_term)
         check_noise_args(self)  # teacher_noise_* (hf_distill.noisy_teacher)
         parse_schedules(self.schedules, self)  # hf_distill.schedules
         check_on_policy_args(self)  # lmbda, seq_kd and the generation fields (hf_distill.on_policy)
-
-    def _check_lm_distillation(self) -> None:
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(
-                f"jsd_beta must be in [0, 1], got {self.jsd_beta}. It is the teacher's weight in generalized_jsd "
-                "(TRL's beta): 0 is the forward KL, 1 the reverse KL, 0.5 the symmetric JSD."
-            )
-        if not 0.0 <= self.skew_alpha < 1.0:
-            raise ValueError(
-                f"skew_alpha must be in [0, 1), got {self.skew_alpha}. 0 is the plain KL and 1 would make the skew "
-                "KLs 0 for every input; DistiLLM uses 0.1."
-            )
-        chunk = self.logits_chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(
-                f"logits_chunk_size must be an int >= 1 or None, got {chunk!r}. Use e.g. 1024 (positions per chunk), "
-                "or None to compute the logit term in one piece."
-            )
-        if not self.fused_lm_head:
-            return
-        if self.logits_weight > 0 and self.logits_loss not in FUSED_DIVERGENCES:
-            raise ValueError(
-                f"fused_lm_head=True computes the logit term from the LM heads with a softmax divergence, but "
-                f"logits_loss={self.logits_loss!r} compares raw logits. Use one of {sorted(FUSED_DIVERGENCES)}, or "
-                "fused_lm_head=False."
-            )
-        if self.use_teacher_cache:
-            raise ValueError(
-                "fused_lm_head=True needs the teacher's last hidden states, but use_teacher_cache=True stores its "
-                "logits. Set use_teacher_cache=False (the teacher then runs each step), or fused_lm_head=False."
-            )
 
     @property
     def logits_loss_kwargs(self) -> dict[str, float]:
@@ -469,58 +438,6 @@ class DistillationConfig(TrainingArguments):
             return {}
         keyword, name = LOGIT_LOSS_PARAMETERS[self.logits_loss]
         return {keyword: getattr(self, name)}
-
-    def _check_teacher_cache(self) -> None:
-        if self.teacher_cache_top_k is not None and self.teacher_cache_top_k < 1:
-            raise ValueError(
-                f"teacher_cache_top_k must be >= 1 or None, got {self.teacher_cache_top_k}. Use e.g. 64, or None to "
-                "cache all logits."
-            )
-        if self.teacher_cache_dtype not in TEACHER_CACHE_DTYPES:
-            raise ValueError(
-                f"teacher_cache_dtype must be one of {TEACHER_CACHE_DTYPES}, got {self.teacher_cache_dtype!r}. "
-                "Use 'float16' to halve the cache's size."
-            )
-        if self.teacher_cache_top_k_tail:
-            self._check_top_k_tail()
-        if not self.use_teacher_cache:
-            return
-        top_k = self.teacher_cache_top_k
-        reverse = self.logits_loss == "reverse_kl" or (self.logits_loss == "generalized_jsd" and self.jsd_beta == 1)
-        if top_k is not None and self.logits_weight > 0 and (reverse or self.logits_loss == "mse"):
-            beta = " with jsd_beta=1 (the reverse KL)" if self.logits_loss == "generalized_jsd" else ""
-            raise ValueError(
-                f"teacher_cache_top_k={top_k} keeps only the teacher's top-k logits, on which "
-                f"logits_loss={self.logits_loss!r}{beta} is not defined (reverse KL is infinite outside the top-k, "
-                "MSE needs every logit). Use logits_loss='kl' or 'jsd', or teacher_cache_top_k=None."
-            )
-        if self.attention_weight > 0 and not self.teacher_cache_attentions:
-            raise ValueError(
-                f"attention_weight={self.attention_weight} with use_teacher_cache=True needs the teacher's attention "
-                "maps, which are not cached by default (heads x L x L per matched layer per row). Set "
-                "teacher_cache_attentions=True to cache them, or attention_weight=0, or use_teacher_cache=False."
-            )
-
-    def _check_top_k_tail(self) -> None:
-        # Checked whether or not the cache is on: the flag makes the logit term the sparse KL, cached or live.
-        if self.teacher_cache_top_k is None:
-            raise ValueError(
-                "teacher_cache_top_k_tail=True stores the teacher's top-k log-probabilities plus the tail mass, but "
-                "teacher_cache_top_k is None. Set teacher_cache_top_k (e.g. 32), or teacher_cache_top_k_tail=False."
-            )
-        if self.logits_loss != "kl":
-            raise ValueError(
-                f"teacher_cache_top_k_tail=True makes the logit term the forward KL against the teacher's top-k + "
-                f"tail distribution, but logits_loss={self.logits_loss!r}. Set logits_loss='kl', or "
-                "teacher_cache_top_k_tail=False (the top-k cache then renormalises the teacher over its top-k)."
-            )
-        if self.fused_lm_head:
-            raise ValueError(
-                "teacher_cache_top_k_tail=True computes the logit term from the student's logits and the teacher's "
-                "top-k + tail, which fused_lm_head=True (no logits, both LM heads) has no form of. Set "
-                "fused_lm_head=False (logits_chunk_size bounds the other terms' memory), or "
-                "teacher_cache_top_k_tail=False."
-            )
 
     @property
     def needs_layer_mapping(self) -> bool:
