@@ -54,6 +54,7 @@ from .term_metrics import NonFiniteLossError, NonFiniteLossGuard, TermMetrics
 from .trainer_data import TeacherDataMixin
 from .trainer_logging import TermLoggingMixin
 from .trainer_projections import ProjectionsMixin
+from .trainer_search import SearchRunsMixin
 
 logger = logging.get_logger(__name__)
 
@@ -66,7 +67,9 @@ NUM_COUNTS = 4
 __all__ = ["PROJECTIONS_NAME", "SAMPLE_TEXTS", "DistillationTrainer", "NonFiniteLossError", "forward_arg_names"]
 
 
-class DistillationTrainer(OnPolicyMixin, ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, Trainer):
+class DistillationTrainer(
+    OnPolicyMixin, ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, SearchRunsMixin, Trainer
+):
     """Trains `model` (the student) to imitate a frozen `teacher_model`.
 
     The loss is `sum_k args.<k>_weight * loss_k` over the terms task, logits, hidden, embeddings and attention (see
@@ -240,34 +243,6 @@ class DistillationTrainer(OnPolicyMixin, ProjectionsMixin, TeacherDataMixin, Ter
         # What the layer matches, projections and cache were built for; a model_init run may not go beyond it.
         self._built_terms = {t for t in TERMS if t != "task" and getattr(args, f"{t}_weight") > 0}
         self._student_shape = (type(model), num_layers(model), hidden_size(model.config))
-
-    # ---------------------------------------------------------------- model_init runs (hyperparameter search)
-    def _hp_search_setup(self, trial) -> None:
-        """Before each `train()` with `model_init`: the Trainer applies the trial's values to `args`; then the run is
-        checked against what `__init__` built, and the new student gets fresh projections and a clean term buffer."""
-        super()._hp_search_setup(trial)
-        if self.model_init is None:
-            return
-        run = f"trial {trial.number}" if hasattr(trial, "number") else "this run"
-        for term in sorted({t for t in TERMS if t != "task" and getattr(self.args, f"{t}_weight") > 0}):
-            if term not in self._built_terms:
-                raise ValueError(
-                    f"{run} sets {term}_weight={getattr(self.args, f'{term}_weight')}, but the trainer was built with "
-                    f"{term}_weight=0, so it has no layer matches, projections or cached teacher outputs for that "
-                    f"term and the value would not act. Build the trainer with {term}_weight > 0 to search it, or "
-                    "leave it out of the search space."
-                )
-        shape = (type(self.model), num_layers(self.model), hidden_size(self.model.config))
-        if shape != self._student_shape:
-            raise ValueError(
-                f"model_init returned a {shape[0].__name__} of {shape[1]} layers, width {shape[2]}, but the trainer "
-                f"was built for a {self._student_shape[0].__name__} of {self._student_shape[1]} layers, width "
-                f"{self._student_shape[2]}. model_init must build the same student every time."
-            )
-        if self.problem_type is not None and getattr(self.model.config, "problem_type", None) is None:
-            self.model.config.problem_type = self.problem_type
-        self._reset_projections()
-        self._term_metrics.clear("train")  # a failed trial may have left terms behind
 
     # ---------------------------------------------------------------- data plumbing
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
