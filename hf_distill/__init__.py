@@ -109,6 +109,11 @@ from .tune_recipe import TuneArgs, parse_tune_args, write_tuning_outputs
 
 __version__ = "0.1.0"
 
+from .lm_benchmark import LMBenchmarkConfig, format_lm_table, load_lm_benchmark_config, perplexity, run_lm_benchmark
+from .lm_data import load_documents, split_documents, token_blocks
+from .on_policy import OnPolicyMixin, completion_batch, completion_source, generate_completions, split_prompts
+from .peft_setup import apply_lora, lora_config, merge_teacher_adapter, read_teacher_adapter
+
 __all__ = [
     "BenchmarkConfig",
     "load_benchmark_config",
@@ -238,4 +243,21 @@ __all__ = [
     "rkd_distance_loss",
     "rkd_loss",
     "similarity_preserving_loss",
+    "LMBenchmarkConfig",
+    "format_lm_table",
+    "load_lm_benchmark_config",
+    "perplexity",
+    "run_lm_benchmark",
+    "load_documents",
+    "split_documents",
+    "token_blocks",
+    "OnPolicyMixin",
+    "completion_batch",
+    "completion_source",
+    "generate_completions",
+    "split_prompts",
+    "apply_lora",
+    "lora_config",
+    "merge_teacher_adapter",
+    "read_teacher_adapter",
 ]
