@@ -110,6 +110,7 @@ from .benchmark_stages import (  # noqa: F401
     fingerprint,
     resolve_teacher,
     run_stage,
+    save_student_from_layers,
     split_budget,
     total_train_steps,
     train_with_resume,
@@ -119,7 +120,6 @@ from .data import row_counts
 from .evaluation import LATENCY_BATCH_SIZES, measure_latencies
 from .models import load_teacher
 from .recipes import load_recipe
-from .student import make_student
 from .trainer import DistillationTrainer
 
 # Training arguments the benchmark sets for every stage, whatever a recipe says: they define the budget (same for every
@@ -232,11 +232,7 @@ class Benchmark(GeneralStages, BenchmarkInputs):
         def work(tmp: Path) -> dict:
             if c.student_init_from == "pretrained":
                 return self.pretrained_student_work(tmp)
-            layers = [int(i) for i in c.student_layers.split(",")] if c.student_layers else None
-            student = make_student(self.teacher, num_layers=c.student_num_layers, layers=layers)
-            student.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            return {"teacher_layers": student.config.distillation_teacher_layers}
+            return save_student_from_layers(self.teacher, self.tokenizer, tmp, c.student_num_layers, c.student_layers)
 
         self.stages.append(run_stage(self.out / "student_init", spec, work))
         return spec

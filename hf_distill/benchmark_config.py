@@ -323,20 +323,27 @@ def load_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | N
     `source_root`, the repository holding the file (see `recipe_root`). Relative paths in `overrides` (command-line
     values) are made absolute against the working directory, where the user typed them.
     """
+    return read_config_file(path, overrides, BenchmarkConfig, BENCHMARK_PATH_FIELDS, "benchmark config")
+
+
+def read_config_file(path, overrides, cls, path_fields, what: str, is_path: Callable[[str], bool] = lambda v: True):
+    """`cls(**values)` from the YAML at `path` updated by `overrides` (the values of `path_fields` that `is_path`
+    says are paths made absolute against the working directory), its `source_root` set; unknown keys refused."""
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"benchmark config {path} must be a mapping of field: value, got {type(values).__name__}.")
+        raise ValueError(f"{what} {path} must be a mapping of field: value, got {type(values).__name__}.")
     overrides = dict(overrides or {})
-    for name in BENCHMARK_PATH_FIELDS:
-        if isinstance(overrides.get(name), str):
-            overrides[name] = os.path.abspath(os.path.expanduser(overrides[name]))
+    for name in path_fields:
+        value = overrides.get(name)
+        if isinstance(value, str) and is_path(value):
+            overrides[name] = os.path.abspath(os.path.expanduser(value))
     values.update(overrides)
-    known = {f.name for f in dataclasses.fields(BenchmarkConfig) if f.init}
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in benchmark config {path}. Valid keys: {sorted(known)}.")
-    config = BenchmarkConfig(**values)
+        raise ValueError(f"unknown key(s) {unknown} in {what} {path}. Valid keys: {sorted(known)}.")
+    config = cls(**values)
     config.source_root = str(recipe_root(path))
     return config
 

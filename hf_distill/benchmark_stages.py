@@ -146,6 +146,18 @@ def train_with_resume(make_trainer: Callable[[str], Trainer], out_dir: Path, che
     }
 
 
+def save_student_from_layers(teacher, tokenizer, out_dir: Path, num_layers: int | None, layers: str | None) -> dict:
+    """`make_student(teacher)` with `num_layers` / `layers` ("0,2,4") saved with the tokenizer into `out_dir`: the
+    `student_init/` stage of a benchmark. Returns the stage info (the teacher layers copied)."""
+    from .student import make_student
+
+    chosen = [int(i) for i in layers.split(",")] if layers else None
+    student = make_student(teacher, num_layers=num_layers, layers=chosen)
+    student.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"teacher_layers": student.config.distillation_teacher_layers}
+
+
 def resolve_teacher(spec: str, root: Path, hub_fallback: str | None = None) -> str:
     """A loadable teacher location: `package:<module>/<subdir>`, a directory (relative to `root`), or a Hub id."""
     if spec.startswith("package:"):

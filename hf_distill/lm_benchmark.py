@@ -35,12 +35,19 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
+from .benchmark_config import read_config_file
 from .benchmark_report import git_state, results_record, write_json_atomic
-from .benchmark_stages import METRICS_FILE, fingerprint, resolve_teacher, run_stage, train_with_resume
+from .benchmark_stages import (
+    METRICS_FILE,
+    fingerprint,
+    resolve_teacher,
+    run_stage,
+    save_student_from_layers,
+    train_with_resume,
+)
 from .config import DistillationConfig
 from .lm_data import RDATASETS_PREFIX, load_documents, split_documents, token_blocks
-from .recipes import load_recipe, recipe_root
-from .student import make_student
+from .recipes import load_recipe
 from .trainer import DistillationTrainer
 
 LM_KIND = "lm"
@@ -135,21 +142,10 @@ class LMBenchmarkConfig:
 
 def load_lm_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> LMBenchmarkConfig:
     """Read an LM benchmark YAML, apply `overrides` (command-line paths made absolute against the cwd), validate."""
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
-    overrides = dict(overrides or {})
-    for name in LM_PATH_FIELDS:
-        value = overrides.get(name)
-        if isinstance(value, str) and not value.startswith(RDATASETS_PREFIX):
-            overrides[name] = os.path.abspath(os.path.expanduser(value))
-    values.update(overrides)
-    known = {f.name for f in dataclasses.fields(LMBenchmarkConfig) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in LM benchmark config {path}. Valid keys: {sorted(known)}.")
-    config = LMBenchmarkConfig(**values)
-    config.source_root = str(recipe_root(path))
-    return config
+    return read_config_file(
+        path, overrides, LMBenchmarkConfig, LM_PATH_FIELDS, "LM benchmark config",
+        is_path=lambda value: not value.startswith(RDATASETS_PREFIX),
+    )  # fmt: skip
 
 
 def load_any_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None):
@@ -225,11 +221,7 @@ class LMBenchmark:
                 "layers": c.student_layers}  # fmt: skip
 
         def work(tmp: Path) -> dict:
-            layers = [int(i) for i in c.student_layers.split(",")] if c.student_layers else None
-            student = make_student(self.teacher, num_layers=c.student_num_layers, layers=layers)
-            student.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            return {"teacher_layers": student.config.distillation_teacher_layers}
+            return save_student_from_layers(self.teacher, self.tokenizer, tmp, c.student_num_layers, c.student_layers)
 
         self.stages.append(run_stage(self.out / "student_init", spec, work))
         return spec
