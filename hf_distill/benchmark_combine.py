@@ -28,6 +28,21 @@ from .benchmark_report import RECORD_FORMAT, add_relative_metrics, paired_bootst
 PER_PART_CONFIG = ("student_seeds", "results_file")
 
 
+def config_defaults() -> dict[str, Any]:
+    """`BenchmarkConfig`'s defaults: a key a part's record lacks (the field came after that run) counts as its default,
+    which is what the field's introduction kept the run doing (fields are added with a default that changes
+    nothing, as the stages' fingerprints require)."""
+    import dataclasses
+
+    from .benchmark_config import BenchmarkConfig
+
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(BenchmarkConfig)
+        if f.init and (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+    }
+
+
 def load_record(path: str | Path) -> dict[str, Any]:
     record = json.loads(Path(path).read_text(encoding="utf-8"))
     if record.get("format") != RECORD_FORMAT:
@@ -54,8 +69,11 @@ def combine_records(records: list[dict[str, Any]], names: list[str] | None = Non
     names = names or [f"part {i}" for i in range(len(records))]
     first, first_name = records[0], names[0]
 
+    defaults = config_defaults()
+
     def config_of(record):
-        return {k: v for k, v in record["config"].items() if k not in PER_PART_CONFIG}
+        config = {**defaults, **record["config"]}
+        return {k: v for k, v in config.items() if k not in PER_PART_CONFIG}
 
     def budget_of(record):
         return {k: v for k, v in record["budget"].items() if k != "student_seeds"}

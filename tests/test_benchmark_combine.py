@@ -90,6 +90,8 @@ def changed(edit):
             r"another config .*max_train_samples: 64 -> 128",
         ),
         (changed(lambda r: r["budget"].update(train_rows=128)), r"another budget .*train_rows"),
+        # A key one part lacks (the field came later) counts as its default: another value differs.
+        (changed(lambda r: r["config"].update(augment_top_k=20)), r"another config .*augment_top_k: 15 -> 20"),
         (changed(lambda r: r["rows"].pop()), "has rows"),
         (changed(lambda r: r["rows"][0].update(dev_correct={"42": "0" * N})), "teacher of part 1 differs .* dev rows"),
         (changed(lambda r: r["rows"][1].pop("dev_correct")), "row 'no_kd' has no dev_correct"),
@@ -142,3 +144,11 @@ def test_a_record_names_the_commit_its_run_started_from(tmp_path, monkeypatch):
         results, command="c", root=tmp_path, started={"commit": "aaa", "dirty": False}
     )
     assert same["commit"] == "aaa" and "commit_at_end" not in same
+
+
+def test_a_key_an_older_part_lacks_counts_as_its_default():
+    """A part run before a config field existed combines with one that records the field at its default."""
+    old, new = record(42), record(43)
+    new["config"].update(augment_n_per_row=4, augment_top_k=15, student_init_from="teacher", general_rows=[])
+    combined = combine_records([old, new])
+    assert combined["budget"]["student_seeds"] == [42, 43]
