@@ -21,3 +21,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Move the finished folder `tmp` to `folder`, the old `folder` (if any) aside first: `folder` is always a
+    complete folder or absent, never half of two."""
+    import shutil
+
+    old = f"{os.fspath(folder)}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

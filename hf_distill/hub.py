@@ -13,6 +13,7 @@ import re
 import shutil
 from typing import Any
 
+from .files import replace_folder
 from .trainer import PROJECTIONS_NAME
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def save_student(model, tokenizer, folder: str | os.PathLike, card: str, *, stat
         The folder, as a string.
     """
     folder = os.path.abspath(os.fspath(folder))
-    tmp, old = folder + ".tmp", folder + ".old"
+    tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save
     try:
         # transformers 5 writes safetensors only; the check below refuses anything else anyway.
@@ -132,12 +133,7 @@ def save_student(model, tokenizer, folder: str | os.PathLike, card: str, *, stat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # The old student moves aside before the new one moves in: `folder` is always a complete student or absent.
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, folder)  # the old one moves aside first: `folder` is complete or absent
     return folder
 
 

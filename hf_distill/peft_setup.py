@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
 
+from .files import replace_folder
 from .tasks import is_causal_lm, is_sequence_classifier, unwrap_peft
 
 logger = logging.getLogger(__name__)
@@ -476,7 +477,7 @@ def peft_card_section(model, *, merged: bool, base_folder: str) -> str:
 def save_adapter(model, tokenizer, folder: str, card: str, *, base_model_name_or_path: str) -> str:
     """Write an adapter folder (adapter config, safetensors weights, tokenizer, card) atomically, naming its base."""
     folder = os.path.abspath(folder)
-    tmp, old = folder + ".tmp", folder + ".old"
+    tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     config = model.peft_config[model.active_adapter]
     recorded = config.base_model_name_or_path
@@ -494,11 +495,7 @@ def save_adapter(model, tokenizer, folder: str, card: str, *, base_model_name_or
         raise
     finally:
         config.base_model_name_or_path = recorded
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, folder)  # the old one moves aside first: `folder` is complete or absent
     return folder
 
 
