@@ -99,6 +99,7 @@ from .benchmark_report import (  # noqa: F401
     write_json_atomic,
 )
 from .benchmark_stages import (  # noqa: F401
+    BENCHMARK_OWNED_KEYS,
     LOG_HISTORY_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
@@ -108,6 +109,7 @@ from .benchmark_stages import (  # noqa: F401
     StageResult,
     evaluate_saved_model,
     fingerprint,
+    recipe_training_args,
     resolve_teacher,
     run_stage,
     save_student_from_layers,
@@ -119,32 +121,7 @@ from .config import DistillationConfig
 from .data import row_counts
 from .evaluation import LATENCY_BATCH_SIZES, measure_latencies
 from .models import load_teacher
-from .recipes import load_recipe
 from .trainer import DistillationTrainer
-
-# Training arguments the benchmark sets for every stage, whatever a recipe says: they define the budget (same for every
-# row) or the bookkeeping (where checkpoints go, no evaluation during training, so nothing is picked by dev score).
-BENCHMARK_OWNED_KEYS = (
-    "output_dir",
-    "num_train_epochs",
-    "max_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "seed",
-    "data_seed",
-    "eval_strategy",
-    "eval_steps",
-    "save_strategy",
-    "save_steps",
-    "save_total_limit",
-    "logging_steps",
-    "logging_strategy",
-    "load_best_model_at_end",
-    "metric_for_best_model",
-    "report_to",
-    "push_to_hub",
-    "resume_from_checkpoint",
-)
 
 
 # ---------------------------------------------------------------------------------------------------- the pipeline
@@ -263,12 +240,7 @@ class Benchmark(GeneralStages, BenchmarkInputs):
         row_dir = self.out / "rows" / name / ("" if seed == c.seed else f"seed{seed}")
         stage_infos = []
         for k, recipe_path in enumerate(recipes, start=1):
-            recipe = load_recipe(self._path(recipe_path))
-            training = {
-                key: value
-                for key, value in recipe.items()
-                if key in DistillationConfig.__dataclass_fields__ and key not in BENCHMARK_OWNED_KEYS
-            }
+            training = recipe_training_args(self._path(recipe_path))
             cache = self.cache_args(training) if distilled else {}
             stage_name = f"{k}-{Path(recipe_path).stem}"
             steps = split_budget(total_steps, len(recipes))[k - 1]

@@ -28,9 +28,8 @@ from typing import Any
 from transformers import AutoModel, set_seed
 
 from .benchmark_config import INIT_SOURCES  # noqa: F401
-from .benchmark_stages import fingerprint, run_stage, train_with_resume
+from .benchmark_stages import fingerprint, recipe_training_args, run_stage, train_with_resume
 from .config import DistillationConfig
-from .recipes import load_recipe
 from .student import make_student
 from .trainer import DistillationTrainer
 
@@ -77,7 +76,7 @@ class GeneralStages:
         """`general/`: `student_init/`'s body distilled from the pre-trained teacher's body on the text of every
         training row the distilled rows see (labelled rows and transfer set), without labels, for `general_steps`."""
         c = self.config
-        training = general_training_args(self._recipe_training_args(c.general_recipe), c.general_recipe)
+        training = general_training_args(recipe_training_args(self._path(c.general_recipe)), c.general_recipe)
         spec = {
             "stage": "general",
             "start": fingerprint(init_spec),
@@ -112,10 +111,3 @@ class GeneralStages:
         result = run_stage(stage_dir, spec, work, cleanup=[checkpoints])
         self.stages.append(result)
         return stage_dir, spec
-
-    def _recipe_training_args(self, path: str) -> dict[str, Any]:
-        from .benchmark import BENCHMARK_OWNED_KEYS  # the budget keys a recipe may not set
-
-        recipe = load_recipe(self._path(path))
-        fields_ = DistillationConfig.__dataclass_fields__
-        return {k: v for k, v in recipe.items() if k in fields_ and k not in BENCHMARK_OWNED_KEYS}

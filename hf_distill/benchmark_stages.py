@@ -31,6 +31,41 @@ LOG_HISTORY_FILE = "log_history.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+# Training arguments the benchmark sets for every stage, whatever a recipe says: they define the budget (same for every
+# row) or the bookkeeping (where checkpoints go, no evaluation during training, so nothing is picked by dev score).
+BENCHMARK_OWNED_KEYS = (
+    "output_dir",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "data_seed",
+    "eval_strategy",
+    "eval_steps",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "logging_strategy",
+    "load_best_model_at_end",
+    "metric_for_best_model",
+    "report_to",
+    "push_to_hub",
+    "resume_from_checkpoint",
+)
+
+
+def recipe_training_args(path: str | os.PathLike, owned: tuple[str, ...] = BENCHMARK_OWNED_KEYS) -> dict[str, Any]:
+    """The `DistillationConfig` keys of the recipe at `path` (its distillation and optimizer settings), less the
+    `owned` ones the benchmark sets itself; a recipe's model and data arguments are ignored."""
+    from .config import DistillationConfig
+    from .recipes import load_recipe
+
+    fields_ = DistillationConfig.__dataclass_fields__
+    return {k: v for k, v in load_recipe(path).items() if k in fields_ and k not in owned}
+
+
 def split_budget(total_steps: int, num_stages: int) -> list[int]:
     """Split a row's optimizer steps evenly over its stages (earlier stages get the remainder); each gets >= 1."""
     if num_stages < 1:

