@@ -58,34 +58,51 @@ def classification_metrics():
     return compute_metrics
 
 
+def model_device(model) -> torch.device:
+    """The device of `model`'s first parameter; CPU for a predictor without parameters (an ONNX Runtime session)."""
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def accepted_inputs(model) -> set[str]:
+    """The batch keys `model` takes: its `graph_input_names` (an exported graph's inputs, `hf_distill.deploy`), else
+    the parameters of its `forward`."""
+    names = getattr(model, "graph_input_names", None)
+    return set(names) if names is not None else set(inspect.signature(model.forward).parameters)
+
+
+@torch.no_grad()
+def time_forward(model, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one `model(**batch)`; CPU time counts every thread of this process."""
+    cuda = model_device(model).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    model(**batch)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 @torch.no_grad()
 def measure_latency(model, batch: dict[str, torch.Tensor], *, runs: int = 20, warmup: int = 3) -> float:
     """Median wall time in seconds of `model(**batch)` over `runs` timed forward passes after `warmup` untimed ones."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}. Use at least 20 for a stable median.")
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
     for _ in range(warmup):
         model(**batch)
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_forward(model, batch)[0] for _ in range(runs))
 
 
 @torch.no_grad()
 def predict_logits(model, dataset, collator, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels of `model` over a tokenized dataset (columns input_ids, attention_mask, ..., labels)."""
     model.eval()
-    device = next(model.parameters()).device
-    accepted = set(inspect.signature(model.forward).parameters)
+    device = model_device(model)
+    accepted = accepted_inputs(model)
     logits, labels = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
@@ -106,7 +123,7 @@ def latency_batch(dataset, collator, batch_size: int, model=None) -> dict[str, t
     batch = collator([dataset[i % len(dataset)] for i in range(batch_size)])
     batch.pop("labels", None)
     if model is not None:
-        accepted = set(inspect.signature(model.forward).parameters)
+        accepted = accepted_inputs(model)
         batch = {k: v for k, v in batch.items() if k in accepted}
     return dict(batch)
 
@@ -119,27 +136,37 @@ def measure_latencies(
     batch_sizes: tuple[int, ...] = LATENCY_BATCH_SIZES,
     runs: int = 20,
     warmup: int = 3,
+    cpu_time: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
     """Median latency (ms) of each model at each of `batch_sizes` (default 1 and 32) of real rows, timed round-robin.
 
     Each round times every model once, in turn, so a burst of load from other processes on a shared machine slows all
     models alike instead of one model's whole measurement; the medians over `runs` rounds (after `warmup` untimed
     rounds) are then comparable, and so are the speed-ups. Returns the medians and every timing (ms).
+
+    With `cpu_time`, also the median process CPU time of each forward pass, `cpu_b<size>_ms` (every thread of this
+    process, so a model on 2 threads busy for 10 ms costs about 20 ms): the energy proxy of the deployment table.
     """
     medians: dict[str, dict[str, float]] = {name: {} for name in models}
     timings: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     for batch_size in batch_sizes:
         batches = {name: latency_batch(dataset, collator, batch_size, model) for name, model in models.items()}
         for name, model in models.items():
+            model.eval()
+            batches[name] = {k: v.to(model_device(model)) for k, v in batches[name].items()}
             for _ in range(warmup):
-                measure_latency(model, batches[name], runs=1, warmup=0)
-        times: dict[str, list[float]] = {name: [] for name in models}
+                time_forward(model, batches[name])
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
         for _ in tqdm(range(runs), desc=f"latency batch {batch_size} ({len(models)} models)", unit="round"):
             for name, model in models.items():
-                times[name].append(1000 * measure_latency(model, batches[name], runs=1, warmup=0))
+                times[name].append(tuple(1000 * t for t in time_forward(model, batches[name])))
         for name in models:
-            medians[name][f"latency_b{batch_size}_ms"] = statistics.median(times[name])
-            timings[name][f"b{batch_size}"] = times[name]
+            wall, cpu = [t[0] for t in times[name]], [t[1] for t in times[name]]
+            medians[name][f"latency_b{batch_size}_ms"] = statistics.median(wall)
+            timings[name][f"b{batch_size}"] = wall
+            if cpu_time:
+                medians[name][f"cpu_b{batch_size}_ms"] = statistics.median(cpu)
+                timings[name][f"cpu_b{batch_size}"] = cpu
     return medians, timings
 
 

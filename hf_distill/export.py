@@ -62,7 +62,9 @@ TASK_SUFFIXES = {
 TASK_CLASSES = {"sequence-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
 # Inputs the graph may take, in this order; each is used when the tokenizer produces it and the model accepts it.
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-QUANTIZE_CHOICES = ("none", "onnx-int8", "torch-int8")
+QUANTIZE_CHOICES = ("none", "onnx-int8", "onnx-int8-static", "torch-int8")
+# Rows per calibration batch of static int8 (`calibration_texts`).
+CALIBRATION_BATCH = 16
 # Sentences used to check the export when the caller gives none (real rows are better: pass `check_texts`).
 DEFAULT_CHECK_TEXTS = (
     "the movie was good",
@@ -290,6 +292,7 @@ def export_student(
     opset: int = DEFAULT_OPSET,
     check_texts: Sequence[str] | None = None,
     quantize: str | Sequence[str] = "none",
+    calibration_texts: Sequence[str] | None = None,
     atol: float = 1e-4,
     overwrite: bool = False,
 ) -> ExportResult:
@@ -302,7 +305,10 @@ def export_student(
         opset: ONNX opset, in `OPSET_RANGE`.
         check_texts: rows to compare ONNX Runtime with PyTorch on; `DEFAULT_CHECK_TEXTS` if None.
         quantize: `"none"`, `"onnx-int8"` (ONNX Runtime dynamic int8, `model_int8.onnx`), `"torch-int8"` (PyTorch
-            dynamic int8 of nn.Linear, `model_int8.pt`, see `hf_distill.quantize`), or a list of them.
+            dynamic int8 of nn.Linear, `model_int8.pt`, see `hf_distill.quantize`), `"onnx-int8-static"` (ONNX
+            Runtime static int8 calibrated on `calibration_texts`, `model_int8_static.onnx`), or a list of them.
+        calibration_texts: training rows to calibrate static int8's activation ranges on (needed by, and only by,
+            `"onnx-int8-static"`; not the rows you evaluate on).
         atol: largest max |ONNX - PyTorch| accepted for the fp32 export; above it the export fails (nothing written).
         overwrite: replace a non-empty `output_dir`.
 
@@ -318,6 +324,11 @@ def export_student(
         if variant not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize must be one of {list(QUANTIZE_CHOICES)}, got {variant!r}. Use 'onnx-int8'.")
     variants = [v for v in dict.fromkeys(variants) if v != "none"]
+    if "onnx-int8-static" in variants and not calibration_texts:
+        raise ValueError(
+            "quantize='onnx-int8-static' needs calibration_texts: training rows (not the evaluation rows) whose "
+            "activation ranges fix the int8 scales, e.g. 128 of them (--calibration_file in scripts/export.py)."
+        )
     output_dir = check_output_dir(output_dir, overwrite)
     model, tokenizer, task = load_student(model_dir)
     if "torch-int8" in variants:
@@ -327,6 +338,10 @@ def export_student(
     if getattr(model.config, "model_type", None) in ("roberta", "xlm-roberta") and max_length:
         max_length -= 2  # RoBERTa positions start after the padding index
     batch = encode(tokenizer, DEFAULT_CHECK_TEXTS if check_texts is None else check_texts, input_names, max_length)
+    calibration = [
+        encode(tokenizer, list(calibration_texts[i : i + CALIBRATION_BATCH]), input_names, max_length)
+        for i in range(0, len(calibration_texts or ()), CALIBRATION_BATCH)
+    ]
     reference = torch_logits(model, batch)
 
     # ---- Export into a staging folder beside the target, renamed into place at the end ----
@@ -346,6 +361,11 @@ def export_student(
         for variant in variants:
             if variant == "onnx-int8":
                 path = quantize_module.quantize_onnx_dynamic(staging / ONNX_FILE, staging / quantize_module.ONNX_INT8)
+                logits = run_onnx(path, batch)
+            elif variant == "onnx-int8-static":
+                path = quantize_module.quantize_onnx_static(
+                    staging / ONNX_FILE, staging / quantize_module.ONNX_INT8_STATIC, calibration
+                )
                 logits = run_onnx(path, batch)
             else:
                 path = quantize_module.save_torch_int8(model, staging / quantize_module.TORCH_INT8)
