@@ -109,6 +109,7 @@ from .tune_recipe import TuneArgs, parse_tune_args, write_tuning_outputs
 
 __version__ = "0.1.0"
 
+from .chain import ChainConfig, ChainStage, load_chain_config, run_chain
 from .lm_benchmark import LMBenchmarkConfig, format_lm_table, load_lm_benchmark_config, perplexity, run_lm_benchmark
 from .lm_data import load_documents, split_documents, token_blocks
 from .on_policy import OnPolicyMixin, completion_batch, completion_source, generate_completions, split_prompts
@@ -118,6 +119,10 @@ __all__ = [
     "BenchmarkConfig",
     "load_benchmark_config",
     "run_benchmark",
+    "ChainConfig",
+    "ChainStage",
+    "load_chain_config",
+    "run_chain",
     "ALLOWED_FILES",
     "ATTENTION_LOSSES",
     "ATTENTION_MODEL_TYPES",
