@@ -128,7 +128,7 @@ def run_stage(
         if info.get("fingerprint") != fingerprint(spec):
             raise ValueError(
                 f"{stage_dir} was made with other settings (differing: {_spec_diff(info.get('spec', {}), spec)}); "
-                "reusing it would mix two benchmarks. Use another output_dir, or delete that folder and the ones "
+                "reusing it would mix two runs. Use another output_dir, or delete that folder and the ones "
                 "built from it."
             )
         print(f"[stage] {print_name}: finished earlier, reused")

@@ -275,5 +275,6 @@ def plan_chain(config: ChainConfig, root: str | os.PathLike, teacher_depth: int 
 
 
 def resolve_path(root: Path, value: str) -> Path:
+    """`value` (`~` expanded) if absolute, else relative to `root`."""
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else root / path

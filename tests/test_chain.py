@@ -266,6 +266,8 @@ BAD_CONFIGS = [
     ("bad max_steps", lambda w: {"stages": [_stage(w, max_steps=0)]},
      r"stages\[0\].max_steps must be an integer >= 1"),
     ("no teacher", lambda w: {"teacher_model_name_or_path": None}, r"teacher_model_name_or_path is required"),
+    ("missing teacher", lambda w: {"teacher_model_name_or_path": str(w / "no" / "such" / "teacher")},
+     r"teacher_model_name_or_path=.*teacher' does not exist"),
 ]  # fmt: skip
 
 
