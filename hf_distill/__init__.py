@@ -86,6 +86,7 @@ from .losses import (
     sparse_teacher_distribution,
     total_variation_loss,
 )
+from .losses.minilm import MINILM_RELATIONS, attention_relation_loss, self_relation_loss
 from .losses.relations import (
     RELATION_LOSSES,
     rkd_angle_loss,
@@ -94,6 +95,7 @@ from .losses.relations import (
     similarity_preserving_loss,
 )
 from .losses.task import task_loss
+from .minilm_term import MiniLMTerm
 from .models import check_max_length, load_or_make_student, load_student, load_teacher
 from .noisy_teacher import TeacherNoise, noise_generator, noisy_teacher_logits
 from .placement import prepare_teacher, teacher_placement
@@ -265,4 +267,8 @@ __all__ = [
     "lora_config",
     "merge_teacher_adapter",
     "read_teacher_adapter",
+    "MINILM_RELATIONS",
+    "MiniLMTerm",
+    "attention_relation_loss",
+    "self_relation_loss",
 ]

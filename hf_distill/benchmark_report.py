@@ -24,7 +24,7 @@ from .benchmark_stages import LOG_HISTORY_FILE
 from .evaluation import LATENCY_BATCH_SIZES
 from .files import write_text_atomic
 
-LOSS_TERMS = ("task", "logits", "hidden", "embeddings", "attention", "relation")  # the trainer's TERMS
+LOSS_TERMS = ("task", "logits", "hidden", "embeddings", "attention", "relation", "minilm")  # the trainer's TERMS
 RESULT_KEYS = (
     "name",
     "recipes",

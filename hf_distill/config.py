@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from .config_checks import TEACHER_CACHE_DTYPES, check_lm_distillation, check_teacher_cache
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
 from .losses.relations import RELATION_LOSSES
+from .minilm_term import check_minilm_args
 from .noisy_teacher import NOISE_MODES, check_noise_args
 from .on_policy import check_on_policy_args
 from .relation_term import RELATION_POOLINGS, check_relation_args
@@ -25,6 +26,7 @@ LOSS_WEIGHT_FIELDS = (
     "embeddings_weight",
     "attention_weight",
     "relation_weight",
+    "minilm_weight",
 )
 LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -71,7 +73,7 @@ class DistillationConfig(TrainingArguments):
 
         loss = task_weight * loss_task + logits_weight * loss_logits + hidden_weight * loss_hidden
              + embeddings_weight * loss_embeddings + attention_weight * loss_attention
-             + relation_weight * loss_relation
+             + relation_weight * loss_relation + minilm_weight * loss_minilm
 
     Parameters:
         temperature (`float`, defaults to `2.0`):
@@ -223,6 +225,28 @@ class DistillationConfig(TrainingArguments):
             The `teacher->student` block pair whose outputs are compared, e.g. `"11->5"` (negative indices count
             from the end); `None` is the last block of each. With `use_teacher_cache` the teacher block must be one
             the cache stores (a hidden-matching pair's teacher layer), else the trainer refuses.
+        minilm_weight (`float`, defaults to `0.0`):
+            Weight of MiniLM's self-attention relation transfer between one teacher and one student layer (see
+            `hf_distill.minilm_term`): the sum over `minilm_relations` of KL(teacher relation || student relation),
+            each a mean over relation heads and real query positions (padding never enters), normalised by the
+            window's real tokens like the other feature terms. The projections are split into
+            `minilm_relation_heads` heads, so the widths and head counts may differ (no projection is learned).
+            Needs the live teacher (`use_teacher_cache=False`: the cache stores no projections).
+        minilm_relations (`str`, defaults to `"qq,kk,vv"`):
+            Comma-separated relations: `qq`, `kk`, `vv` (`softmax(X X^T / sqrt(d_r))` of the queries, keys or
+            values; MiniLMv2, Wang et al. 2021, https://arxiv.org/abs/2012.15828) and `attention` (the attention
+            distribution `softmax(Q K^T / sqrt(d_r))`; MiniLM, Wang et al. 2020, https://arxiv.org/abs/2002.10957,
+            whose objective is `"attention,vv"`). `attention` needs queries and keys of one width (refused under
+            grouped-query attention). The projections are the outputs of the attention's query / key / value
+            `Linear` layers, before rotary embeddings or position biases.
+        minilm_relation_heads (`int`, defaults to `12`):
+            Number of relation heads A; each model's projections of width H split into A heads of H / A, so A must
+            divide every width the relations use in both models. With A equal to both models' attention heads,
+            `attention` is MiniLM's per-head attention transfer (which needs equal head counts).
+        minilm_layer (`str`, *optional*):
+            The `teacher->student` block pair, e.g. `"11->5"` (negative indices count from the end); `None` is the
+            last block of each (MiniLM's choice). MiniLMv2 found an upper-middle teacher layer better for large
+            teachers (e.g. layer 21 of 24 for a large-size teacher) and the last one for base-size teachers.
         teacher_noise_std (`float`, defaults to `0.0`):
             Noisy teacher (Sau & Balasubramanian 2016, https://arxiv.org/abs/1610.09650): standard deviation of the
             Gaussian noise added to the teacher's logits (live or cached) before the logit term's softmax, in
@@ -358,6 +382,21 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Relation term's 'teacher->student' block pair, e.g. '11->5'; None: the last of each."},
     )
+    minilm_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of MiniLM self-attention relation transfer (https://arxiv.org/abs/2012.15828)."},
+    )
+    minilm_relations: str = field(
+        default="qq,kk,vv",
+        metadata={"help": "MiniLM relations from qq, kk, vv (MiniLMv2), attention (Q K^T); MiniLM: 'attention,vv'."},
+    )
+    minilm_relation_heads: int = field(
+        default=12, metadata={"help": "MiniLM relation heads; must divide both models' query / key / value widths."}
+    )
+    minilm_layer: str | None = field(
+        default=None,
+        metadata={"help": "MiniLM 'teacher->student' block pair, e.g. '21->5'; None: the last block of each."},
+    )
     teacher_noise_std: float = field(
         default=0.0,
         metadata={
@@ -427,6 +466,7 @@ class DistillationConfig(TrainingArguments):
         check_lm_distillation(self)  # jsd_beta, skew_alpha, logits_chunk_size, fused_lm_head
         check_teacher_cache(self)  # teacher_cache_* (top-k, dtype, top-k + tail, what the cache can serve)
         check_relation_args(self)  # relation_* (hf_distill.relation_term)
+        check_minilm_args(self)  # minilm_* (hf_distill.minilm_term)
         check_noise_args(self)  # teacher_noise_* (hf_distill.noisy_teacher)
         parse_schedules(self.schedules, self)  # hf_distill.schedules
         check_on_policy_args(self)  # lmbda, seq_kd and the generation fields (hf_distill.on_policy)

@@ -26,6 +26,7 @@ from .logit_term import (
 )
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
 from .losses.task import labelled_float_rows, task_loss
+from .minilm_term import build_minilm_term, capture_qkv, minilm_term
 from .noisy_teacher import TeacherNoise
 from .on_policy import OnPolicyMixin
 from .placement import prepare_teacher, teacher_placement
@@ -58,7 +59,7 @@ from .trainer_search import SearchRunsMixin
 
 logger = logging.get_logger(__name__)
 
-TERMS = ("task", "logits", "hidden", "embeddings", "attention", "relation")
+TERMS = ("task", "logits", "hidden", "embeddings", "attention", "relation", "minilm")
 # Index of each count in the tensor `_get_num_items_in_batch` returns for a gradient-accumulation window: rows,
 # labelled items (rows for regression / multi-label), real tokens, and the positions the token-level logit term
 # scores (see `DistillationConfig.distill_on`).
@@ -98,7 +99,8 @@ class DistillationTrainer(
     window is counted: on-policy distillation (GKD, see `hf_distill.on_policy`).
 
     `relation_weight` adds a relation term across the batch's samples (RKD / similarity-preserving KD on pooled
-    hidden states, `hf_distill.relation_term`), `teacher_noise_std` perturbs the teacher's logits in training
+    hidden states, `hf_distill.relation_term`), `minilm_weight` MiniLM's self-attention relations between one layer
+    pair (`hf_distill.minilm_term`), `teacher_noise_std` perturbs the teacher's logits in training
     (noisy teacher, `hf_distill.noisy_teacher`), and `schedules` set the temperature and the weights at every
     step (`hf_distill.schedules`).
 
@@ -205,6 +207,7 @@ class DistillationTrainer(
             check_attention_compatible(self.teacher, model)
         # Built before the cache is attached: a relation layer the cache would not hold is refused here.
         self.relation = build_relation_term(args, self.teacher, model, self.layer_matches)
+        self.minilm = build_minilm_term(args, self.teacher, model)  # None when minilm_weight == 0
         self._teacher_noise = TeacherNoise(args)  # teacher_noise_std > 0: noised logits in training only
         if args.schedules:
             self.add_callback(TermSchedules(parse_schedules(args.schedules, args)))
@@ -320,6 +323,7 @@ class DistillationTrainer(
         embeddings = args.embeddings_weight > 0
         relation = self.relation if args.relation_weight > 0 else None  # a schedule may hold it at 0
         relation_student, relation_teacher = relation_layers(relation)
+        minilm = self.minilm if args.minilm_weight > 0 else None  # q / k / v of one layer pair, hooked below
 
         # With fused_lm_head the models' LM heads run on no position and their inputs, the last hidden states, are
         # kept instead: `last_hidden_states` hooks the decoder bodies (see hf_distill.logit_term).
@@ -327,7 +331,7 @@ class DistillationTrainer(
         student_inputs = {k: v for k, v in inputs.items() if k in self._student_inputs and k != "labels"}
         if fused:
             student_inputs["logits_to_keep"] = no_positions(inputs["input_ids"].device)
-        with last_hidden_states(model, enabled=fused) as student_last:
+        with last_hidden_states(model, enabled=fused) as student_last, capture_qkv(model, minilm, "student") as s_qkv:
             student = forward_with_features(
                 model,
                 student_inputs,
@@ -362,7 +366,11 @@ class DistillationTrainer(
             teacher_inputs = {k: v for k, v in inputs.items() if k in self._teacher_inputs and k != "labels"}
             if fused:
                 teacher_inputs["logits_to_keep"] = student_inputs["logits_to_keep"]
-            with torch.no_grad(), last_hidden_states(self.teacher, enabled=fused) as teacher_last:
+            with (
+                torch.no_grad(),
+                last_hidden_states(self.teacher, enabled=fused) as teacher_last,
+                capture_qkv(self.teacher, minilm, "teacher") as t_qkv,
+            ):
                 teacher = forward_with_features(
                     self.teacher,
                     teacher_inputs,
@@ -457,6 +465,9 @@ class DistillationTrainer(
                 relation, student.hidden_states, teacher.hidden_states, mask, window["relation"]
             )
             micro["relation"] = rows
+        if minilm is not None:  # a mean over (relation head, real query position): a per-token term
+            terms["minilm"] = minilm_term(minilm, s_qkv, t_qkv, token_mask, n_tokens)
+            micro["minilm"], window["minilm"] = micro_tokens, n_tokens
 
         if not terms:
             raise ValueError(

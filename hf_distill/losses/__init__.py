@@ -11,6 +11,10 @@
   ``LOGIT_LOSSES``
 - ``RELATION_LOSSES``: ``fn(student_pooled, teacher_pooled)`` on ``(B, Ds)`` / ``(B, Dt)`` pooled representations
   (RKD distance / angle, similarity-preserving KD: ``relations.py``), a mean over the batch's relations
+- ``MINILM_RELATIONS``: MiniLM / MiniLMv2 relation names -> the (left, right) projections they relate;
+  ``attention_relation_loss(student_left, student_right, teacher_left, teacher_right, mask, *, relation_heads, ...)``
+  and ``self_relation_loss(student, teacher, mask, *, relation_heads, ...)`` on ``(B, T, H)`` projections
+  (``minilm.py``), a mean over relation heads and real query positions
 - ``sparse_kl_loss``: the forward KL against a sparse teacher (its top-k log-probabilities plus the tail mass, as
   ``sparse_teacher_distribution`` makes them and a ``top_k_tail`` teacher cache stores them)
 
@@ -36,6 +40,7 @@ from hf_distill.losses.logits import (
     logits_mse_loss,
     reverse_kl_div_loss,
 )
+from hf_distill.losses.minilm import MINILM_RELATIONS, attention_relation_loss, self_relation_loss
 from hf_distill.losses.relations import (
     RELATION_LOSSES,
     rkd_angle_loss,
@@ -77,9 +82,11 @@ __all__ = [
     "KD_LOGIT_LOSSES",
     "LM_LOGIT_LOSSES",
     "LOGIT_LOSSES",
+    "MINILM_RELATIONS",
     "MULTI_LABEL_LOGIT_LOSSES",
     "RELATION_LOSSES",
     "attention_kl_loss",
+    "attention_relation_loss",
     "attention_mse_loss",
     "binary_kl_div_loss",
     "chunked_logit_loss",
@@ -95,6 +102,7 @@ __all__ = [
     "rkd_angle_loss",
     "rkd_distance_loss",
     "rkd_loss",
+    "self_relation_loss",
     "similarity_preserving_loss",
     "skew_kl_loss",
     "skew_reverse_kl_loss",
