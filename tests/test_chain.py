@@ -21,6 +21,7 @@ from hf_distill.trainer import DistillationTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "recipes", "*", "chains", "*.yaml")))
+HIDDEN = {"hidden_weight": 1.0, "hidden_loss": "cosine", "layer_mapping": "alternate"}
 RECIPE = {"task_weight": 0.5, "logits_weight": 0.5, "temperature": 2.0, "learning_rate": 1e-3, "warmup_steps": 0}
 
 
@@ -211,7 +212,7 @@ def test_born_again_generations(workdir):
         workdir / "out_ban",
         validation_file=None,  # no eval split: nothing evaluated
         stages=[
-            {"name": "gen1", "recipe": recipe, "max_steps": 1},
+            {"name": "gen1", "recipe": recipe, "max_steps": 1, "overrides": HIDDEN},
             {"name": "gen2", "recipe": recipe, "max_steps": 1, "init": "scratch"},
         ],
     )
@@ -221,6 +222,8 @@ def test_born_again_generations(workdir):
     assert (second["num_layers"], second["layers"], second["original_teacher_layers"]) == (4, None, None)
     assert first["params"] == second["params"] == results["stages"][0]["params"]
     assert first["accuracy"] is None and "accuracy" not in results["teacher"]
+    history = json.loads((workdir / "out_ban" / "stage1-gen1" / "log_history.json").read_text())
+    assert "loss_hidden" in set().union(*history)  # a stage's overrides switch a term on for that stage alone
     gen2 = BertForSequenceClassification.from_pretrained(workdir / "out_ban" / "stage2-gen2")
     assert not hasattr(gen2.config, "distillation_teacher_layers")  # nothing was copied into it
     assert not (workdir / "out_ban" / "eval").exists()
