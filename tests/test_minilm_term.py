@@ -336,3 +336,22 @@ def test_an_unsupported_model_type_is_refused():
     with pytest.raises(ValueError, match=r"knows for model types \[.*\], not 'gpt2'\. Set minilm_weight=0"):
         build_minilm_term(config(minilm_weight=1.0, minilm_relation_heads=2), lm, lm)
     assert build_minilm_term(config(minilm_weight=0.0), lm, lm) is None
+
+
+def test_a_lora_student_reads_its_adapted_projections(tmp_path, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    student = get_peft_model(
+        bert(1, num_layers=2, hidden=32, heads=2),
+        LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "key", "value"]),
+    )
+    trainer = make_trainer(tmp_path, tiny_tokenizer, student=student, eval_strategy="no")
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch(trainer, range(8))).backward()
+    adapted = get_layers(trainer.model)[1].attention.self.query
+    assert (
+        adapted.lora_B["default"].weight.grad.abs().sum() > 0
+    )  # the hook saw the LoRA layer's output (B starts at 0)
+    assert projection_hooks(trainer.model, "bert") == 0
+    metrics = trainer.evaluate(eval_dataset=trainer.train_dataset)
+    assert math.isfinite(metrics["eval_loss_minilm"]) and metrics["eval_loss_minilm"] > 0
