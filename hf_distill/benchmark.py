@@ -16,6 +16,8 @@
                                (`<row>-seed<s>` for a row under another training seed)
     eval/latency/              CPU latency of every final model at batch 1 and 32, timed round-robin
                                (`latency-seed<s>` when the first of `student_seeds` is not `seed`)
+    deploy/, eval/<row>-<variant>/, eval/deploy-latency/   with `deploy_rows`: those rows' students exported to ONNX
+                               and quantised, evaluated and timed beside the teacher (`hf_distill.benchmark_deploy`)
     results.json, results.md, plots/*.png   rebuilt from the folders above on every run (cheap)
 
 and, with `results_file`, the run's record in the repository (`benchmarks/results/<name>.json`), from which the
@@ -82,6 +84,7 @@ from .benchmark_config import (  # noqa: F401
     load_benchmark_config,
 )
 from .benchmark_data import TRANSFER_KEYS, BenchmarkInputs  # noqa: F401
+from .benchmark_deploy import DeployStages
 from .benchmark_general import GeneralStages
 from .benchmark_report import (  # noqa: F401
     LOSS_TERMS,
@@ -125,7 +128,7 @@ from .trainer import DistillationTrainer
 
 
 # ---------------------------------------------------------------------------------------------------- the pipeline
-class Benchmark(GeneralStages, BenchmarkInputs):
+class Benchmark(DeployStages, GeneralStages, BenchmarkInputs):
     """The stages of one benchmark, in the order `run` calls them; data and models are loaded only when a stage needs
     them, so a rerun over finished folders loads nothing."""
 
@@ -410,6 +413,7 @@ class Benchmark(GeneralStages, BenchmarkInputs):
         latency = self.latency_stage(finals, self.eval_name("latency", main_seed))
         for name, latencies in latency["latencies"].items():
             evaluations[name].update(latencies)
+        deploy = self.deploy_stages(finals, evaluations, main_seed)  # [] without deploy_rows
 
         # Training seeds per row, the evaluated-and-timed one first; the teacher trains under `seed` alone.
         seeds_of = {"teacher": [c.seed]} | {name: [main_seed, *extra_seeds.get(name, [])] for name in rows}
@@ -474,6 +478,7 @@ class Benchmark(GeneralStages, BenchmarkInputs):
             },
             "torch_threads": latency["torch_threads"],
             "rows": results_rows,
+            **({"deploy": deploy} if deploy else {}),
             "stages": [{"path": s.path, "status": s.status, "seconds": round(s.seconds, 1)} for s in self.stages],
         }
         results["plots"] = make_plots(results, self.out / "plots", self.out / "teacher" / LOG_HISTORY_FILE)

@@ -95,6 +95,12 @@ class BenchmarkConfig:
         eval_batch_size (`int`, defaults to `64`): batch size of the accuracy pass.
         latency_runs (`int`, defaults to `20`), latency_warmup (`int`, defaults to `3`): timed and untimed forward
             passes of each latency median, at batch 1 and batch 32 of real dev rows, on CPU.
+        deploy_rows (`list[str]`, defaults to `[]`), deploy_variants (`list[str]`, defaults to `["onnx",
+            "onnx-int8", "torch-int8"]`), deploy_opset (`int`, defaults to `18`): the rows whose final student (main
+            seed) is exported to ONNX and quantised (`hf_distill.benchmark_deploy`; variants of
+            `hf_distill.deploy.DEPLOY_VARIANTS`, `onnx-int8-static` calibrated on training rows), each evaluated on
+            the dev split and timed beside the fp32 PyTorch teacher in the deployment table. Needs the `export`
+            extra (`pip install -e ".[export]"`).
     """
 
     name: str = field(default="benchmark", metadata={"help": "Benchmark name (the default output folder)."})
@@ -184,6 +190,13 @@ class BenchmarkConfig:
     results_file: str | None = field(
         default=None, metadata={"help": "The run's record, e.g. benchmarks/results/{name}.json (None: not written)."}
     )
+    # Deployment (hf_distill.benchmark_deploy): students exported to ONNX, quantised, measured beside the teacher
+    deploy_rows: list[str] = field(default_factory=list, metadata={"help": "Rows exported and quantised."})
+    deploy_variants: list[str] = field(
+        default_factory=lambda: ["onnx", "onnx-int8", "torch-int8"],
+        metadata={"help": "Variants of each deployed row: onnx, onnx-int8, onnx-int8-static, torch-int8."},
+    )
+    deploy_opset: int = field(default=18, metadata={"help": "ONNX opset of the exports."})
     # Set by load_benchmark_config: the folder relative paths are resolved against (not a YAML key).
     source_root: str | None = field(default=None, init=False, repr=False)
 
@@ -241,8 +254,45 @@ class BenchmarkConfig:
                 raise ValueError(f"row {name!r} has no recipe. List at least one recipe file.")
         self._check_rows_and_seeds()
         self._check_general()
+        self._check_deploy()
         if isinstance(self.student_layers, (list, tuple)):
             self.student_layers = ",".join(str(i) for i in self.student_layers)
+
+    def _check_deploy(self) -> None:
+        from .deploy import DEPLOY_VARIANTS
+        from .export import check_opset
+
+        listed, variants = self.deploy_rows, self.deploy_variants
+        students = [self.baseline_name, *self.rows]
+        if isinstance(listed, str) or not isinstance(listed, list) or any(r not in students for r in listed):
+            raise ValueError(
+                f"deploy_rows must list student rows of this benchmark ({students}) to export and quantise, got "
+                f"{listed!r}. E.g. deploy_rows: [{students[-1]}]."
+            )
+        if (
+            isinstance(variants, str)
+            or not variants
+            or any(v not in DEPLOY_VARIANTS for v in variants)
+            or len(set(variants)) != len(variants)
+        ):
+            raise ValueError(
+                f"deploy_variants must be a list of distinct variants from {list(DEPLOY_VARIANTS)}, got "
+                f"{variants!r}. E.g. deploy_variants: [onnx, onnx-int8, torch-int8]."
+            )
+        try:
+            check_opset(self.deploy_opset)
+        except ValueError as e:
+            raise ValueError(f"deploy_opset: {e}") from None
+        if listed:
+            try:
+                import onnx  # noqa: F401
+                import onnxruntime  # noqa: F401
+                import onnxscript  # noqa: F401
+            except ImportError as e:
+                raise ValueError(
+                    f"deploy_rows={listed!r} exports to ONNX, which needs the export extra ({e.name} is missing): "
+                    'pip install -e ".[export]", or drop deploy_rows.'
+                ) from None
 
     def _check_general(self) -> None:
         if self.student_init_from not in INIT_SOURCES:

@@ -204,6 +204,7 @@ def results_record(
         "budget": portable_paths(results["budget"], root),
         "config": portable_paths(config, root),
         "rows": portable_paths(rows, root),
+        **({"deploy": results["deploy"]} if results.get("deploy") else {}),
         "stage_seconds": {os.path.relpath(s["path"], results["output_dir"]): s["seconds"] for s in results["stages"]},
     }
 
@@ -237,7 +238,9 @@ def record_table(record_path: str | os.PathLike) -> str:
         from .lm_benchmark import format_lm_table
 
         return format_lm_table(record["rows"]) + "\n"
-    return format_table(record["rows"]) + "\n"
+    from .benchmark_deploy import deploy_markdown  # the deployment rows, when the run had deploy_rows
+
+    return format_table(record["rows"]) + "\n" + deploy_markdown(record)
 
 
 def update_results_blocks(markdown: str, root: str | os.PathLike) -> str:
@@ -290,11 +293,16 @@ def budget_text(results: dict[str, Any]) -> str:
 
 
 def results_markdown(results: dict[str, Any]) -> str:
+    from .benchmark_deploy import deploy_markdown
+
     return (
         f"# Benchmark `{results['benchmark']}`\n\n"
         f"Teacher: `{results['teacher']}`. {budget_text(results)} Accuracy on {results['rows'][0]['eval_rows']} dev "
         f"rows (points over no-KD with a 95% paired bootstrap interval over them); latency: median of CPU forward "
-        f"passes on real dev batches, {results['torch_threads']} threads.\n\n" + format_table(results["rows"]) + "\n"
+        f"passes on real dev batches, {results['torch_threads']} threads.\n\n"
+        + format_table(results["rows"])
+        + "\n"
+        + deploy_markdown(results)
     )
 
 
