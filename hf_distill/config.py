@@ -245,8 +245,8 @@ class DistillationConfig(TrainingArguments):
             `attention` is MiniLM's per-head attention transfer (which needs equal head counts).
         minilm_layer (`str`, *optional*):
             The `teacher->student` block pair, e.g. `"11->5"` (negative indices count from the end); `None` is the
-            last block of each (MiniLM's choice). MiniLMv2 found an upper-middle teacher layer better for large
-            teachers (e.g. layer 21 of 24 for a large-size teacher) and the last one for base-size teachers.
+            last block of each (MiniLM's choice). MiniLMv2 studies the choice of teacher layer and recommends an
+            upper-middle one rather than the last for large-size teachers (set e.g. `"-4->-1"` then).
         teacher_noise_std (`float`, defaults to `0.0`):
             Noisy teacher (Sau & Balasubramanian 2016, https://arxiv.org/abs/1610.09650): standard deviation of the
             Gaussian noise added to the teacher's logits (live or cached) before the logit term's softmax, in
