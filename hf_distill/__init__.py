@@ -97,6 +97,13 @@ from .losses.relations import (
 from .losses.task import task_loss
 from .minilm_term import MiniLMTerm
 from .models import check_max_length, load_or_make_student, load_student, load_teacher
+from .multi_teacher import (
+    MULTI_TEACHER_AVERAGES,
+    average_teacher_logits,
+    load_extra_teachers,
+    mix_teacher_distributions,
+    normalized_teacher_weights,
+)
 from .noisy_teacher import TeacherNoise, noise_generator, noisy_teacher_logits
 from .placement import prepare_teacher, teacher_placement
 from .recipes import check_recipe_keys, display_path, load_recipe, recipe_root, resolve_recipe_paths
@@ -267,6 +274,11 @@ __all__ = [
     "lora_config",
     "merge_teacher_adapter",
     "read_teacher_adapter",
+    "MULTI_TEACHER_AVERAGES",
+    "average_teacher_logits",
+    "load_extra_teachers",
+    "mix_teacher_distributions",
+    "normalized_teacher_weights",
     "MINILM_RELATIONS",
     "MiniLMTerm",
     "attention_relation_loss",

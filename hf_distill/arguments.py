@@ -17,6 +17,13 @@ class ModelArguments:
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Teacher: a Hub id or a local directory with a fine-tuned model."}
     )
+    extra_teacher_model_names_or_paths: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Multi-teacher distillation: more teachers (Hub ids or local directories) of the teacher's "
+            "tokenizer and classes, after teacher_model_name_or_path in the order of teacher_weights."
+        },
+    )
     student_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "An existing student (Hub id or directory). None builds one from the teacher's layers."},
@@ -118,6 +125,12 @@ class RunArguments:
         overwrite_output_dir (`bool`, defaults to `False`):
             Delete the checkpoints, `run_config.json` and the saved student of a previous run in `output_dir`, then
             start from scratch.
+        deploy_variants (`list[str]`, *optional*):
+            Teacher to deployable student in one run: after training, the saved student is exported to ONNX
+            (`<output_dir>/student/onnx/`) as these variants (`onnx`, `onnx-int8`, `onnx-int8-static`, the last
+            calibrated on training rows), each measured on the eval split beside the fp32 teacher and student, and
+            the table is added to the model card (`hf_distill.deploy_run`). Needs an eval split and the `export`
+            extra.
     """
 
     resume: str = field(
@@ -130,6 +143,14 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Delete a previous run's checkpoints, run_config.json and student in output_dir first."},
+    )
+    deploy_variants: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "After training, export the student to ONNX into <student>/onnx/ and quantise it: any of onnx, "
+            "onnx-int8, onnx-int8-static; each measured on the eval split beside the teacher (accuracy, size, "
+            "latency) in the model card, and pushed with the student (hf_distill.deploy_run)."
+        },
     )
 
     def __post_init__(self):

@@ -14,6 +14,7 @@ from .config_checks import TEACHER_CACHE_DTYPES, check_lm_distillation, check_te
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
 from .losses.relations import RELATION_LOSSES
 from .minilm_term import check_minilm_args
+from .multi_teacher import check_multi_teacher_args
 from .noisy_teacher import NOISE_MODES, check_noise_args
 from .on_policy import check_on_policy_args
 from .relation_term import RELATION_POOLINGS, check_relation_args
@@ -142,6 +143,18 @@ class DistillationConfig(TrainingArguments):
             machine; 0.80x on 1 thread) (`benchmarks/results/bench_teacher.json`, `bench_speed.json`). Not measured
             on CPUs without it, where bfloat16 is emulated: check with `scripts/bench_teacher.py`. (`inference_mode`
             vs `no_grad`: 1.00x.)
+        teacher_weights (`list[float]`, *optional*):
+            Multi-teacher distillation (`DistillationTrainer(teacher_model=[...])`, `hf_distill.multi_teacher`): one
+            weight >= 0 per teacher, in the list's order, normalised to sum 1; `None` is equal weights. The logit
+            term's target is the weighted average of the teachers' probabilities at `temperature` (not of their
+            logits: see `multi_teacher_average`); a teacher of weight 0 is not run.
+        intermediate_teacher (`int`, defaults to `0`):
+            Multi-teacher: the index of the teacher the hidden-state, attention, embedding and relation terms (and
+            the layer mapping) are taken against; the other teachers only give logits.
+        multi_teacher_average (`str`, defaults to `"probs"`):
+            Multi-teacher: `probs` mixes the teachers' softmaxes at T (`sum_i w_i softmax(z_i / T)`); `logits` takes
+            the softmax of the weighted mean of their logits (TextBrewer's multi-teacher target, a normalised
+            geometric mean of the distributions), which `logits_loss="mse"` needs.
         use_teacher_cache (`bool`, defaults to `False`):
             Run the teacher over `train_dataset` once, store its outputs on disk (Arrow, see `hf_distill.cache`) and
             train from them without any teacher forward pass. The cache is keyed by the teacher's weights and
@@ -309,6 +322,21 @@ class DistillationConfig(TrainingArguments):
             "MiniLM teacher 2x faster on a CPU with avx512_bf16 at unchanged KD terms (see the class docstring)."
         },
     )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Multi-teacher: one weight >= 0 per teacher (normalised to sum 1); None: equal weights."},
+    )
+    intermediate_teacher: int = field(
+        default=0,
+        metadata={"help": "Multi-teacher: index of the teacher the hidden, attention, embedding, relation terms use."},
+    )
+    multi_teacher_average: str = field(
+        default="probs",
+        metadata={
+            "help": "Multi-teacher logit target: 'probs' averages the teachers' probabilities at the temperature, "
+            "'logits' their logits (TextBrewer; needed by logits_loss='mse')."
+        },
+    )
     use_teacher_cache: bool = field(
         default=False,
         metadata={"help": "Compute the teacher's outputs on train_dataset once, cache them on disk, train from them."},
@@ -468,6 +496,7 @@ class DistillationConfig(TrainingArguments):
         check_relation_args(self)  # relation_* (hf_distill.relation_term)
         check_minilm_args(self)  # minilm_* (hf_distill.minilm_term)
         check_noise_args(self)  # teacher_noise_* (hf_distill.noisy_teacher)
+        check_multi_teacher_args(self)  # teacher_weights, intermediate_teacher (hf_distill.multi_teacher)
         parse_schedules(self.schedules, self)  # hf_distill.schedules
         check_on_policy_args(self)  # lmbda, seq_kd and the generation fields (hf_distill.on_policy)
 

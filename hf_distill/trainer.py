@@ -27,6 +27,7 @@ from .logit_term import (
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
 from .losses.task import labelled_float_rows, task_loss
 from .minilm_term import build_minilm_term, capture_qkv, minilm_term
+from .multi_teacher import MultiTeacherMixin, split_teachers
 from .noisy_teacher import TeacherNoise
 from .on_policy import OnPolicyMixin
 from .placement import prepare_teacher, teacher_placement
@@ -69,7 +70,7 @@ __all__ = ["PROJECTIONS_NAME", "SAMPLE_TEXTS", "DistillationTrainer", "NonFinite
 
 
 class DistillationTrainer(
-    OnPolicyMixin, ProjectionsMixin, TeacherDataMixin, TermLoggingMixin, SearchRunsMixin, Trainer
+    OnPolicyMixin, ProjectionsMixin, MultiTeacherMixin, TeacherDataMixin, TermLoggingMixin, SearchRunsMixin, Trainer
 ):
     """Trains `model` (the student) to imitate a frozen `teacher_model`.
 
@@ -113,7 +114,8 @@ class DistillationTrainer(
 
     Args:
         model: the student, a `PreTrainedModel` (e.g. from `make_student(teacher)`).
-        teacher_model: the teacher, a `PreTrainedModel` of the same tokenizer and label set.
+        teacher_model: the teacher, a `PreTrainedModel` of the same tokenizer and label set, or a list of them
+            (multi-teacher: `teacher_weights`, `intermediate_teacher`, see `hf_distill.multi_teacher`).
         args: a [`DistillationConfig`].
         teacher_processing_class: the teacher's tokenizer, if it was loaded separately; it must tokenize like
             `processing_class`, which is checked on sample texts before training.
@@ -154,6 +156,7 @@ class DistillationTrainer(
             model = model_init() if number_of_arguments(model_init) == 0 else model_init(None)
         if model is None or teacher_model is None:
             raise ValueError("DistillationTrainer needs both model (the student) and teacher_model.")
+        teacher_model, teachers = split_teachers(teacher_model, model, args, train_dataset, processing_class)
         if args.teacher_dtype is not None:
             if args.teacher_dtype != "auto":
                 teacher_model = teacher_model.to(getattr(torch, args.teacher_dtype))
@@ -193,6 +196,7 @@ class DistillationTrainer(
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.teacher = prepare_teacher(self.teacher, self.accelerator, self.args)  # device, FSDP2 or ZeRO-3
+        self.teachers = self._place_teachers(teachers)  # [self.teacher] unless several teachers were given
 
         self.layer_matches: list[LayerMatch] = []
         if args.needs_layer_mapping:
@@ -419,7 +423,8 @@ class DistillationTrainer(
             else:
                 table = MULTI_LABEL_LOGIT_LOSSES if problem_type == MULTI_LABEL else KD_LOGIT_LOSSES
                 sparse = getattr(teacher.outputs, "sparse_logits", None)  # a top-k + tail cache
-                t_logits = self._teacher_noise(teacher.outputs.logits, self.state.global_step, model.training)
+                t_logits = self._mixed_teacher_logits(teacher.outputs.logits, inputs, problem_type == MULTI_LABEL)
+                t_logits = self._teacher_noise(t_logits, self.state.global_step, model.training)
                 terms["logits"] = logit_term(s_logits, t_logits, positions, args, table, window["logits"], sparse)
         # Feature matching compares representations of every real token, whatever `distill_on` says.
         if hidden:
