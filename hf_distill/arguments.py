@@ -125,6 +125,12 @@ class RunArguments:
         overwrite_output_dir (`bool`, defaults to `False`):
             Delete the checkpoints, `run_config.json` and the saved student of a previous run in `output_dir`, then
             start from scratch.
+        deploy_variants (`list[str]`, *optional*):
+            Teacher to deployable student in one run: after training, the saved student is exported to ONNX
+            (`<output_dir>/student/onnx/`) as these variants (`onnx`, `onnx-int8`, `onnx-int8-static`, the last
+            calibrated on training rows), each measured on the eval split beside the fp32 teacher and student, and
+            the table is added to the model card (`hf_distill.deploy_run`). Needs an eval split and the `export`
+            extra.
     """
 
     resume: str = field(
@@ -137,6 +143,14 @@ class RunArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Delete a previous run's checkpoints, run_config.json and student in output_dir first."},
+    )
+    deploy_variants: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "After training, export the student to ONNX into <student>/onnx/ and quantise it: any of onnx, "
+            "onnx-int8, onnx-int8-static; each measured on the eval split beside the teacher (accuracy, size, "
+            "latency) in the model card, and pushed with the student (hf_distill.deploy_run)."
+        },
     )
 
     def __post_init__(self):

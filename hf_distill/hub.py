@@ -42,6 +42,9 @@ ALLOWED_FILES = frozenset(
     }
 )
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# The one sub-folder a student folder may hold: its ONNX exports (`hf_distill.deploy_run`, `--deploy_variants`).
+ONNX_FOLDER = "onnx"
+ALLOWED_ONNX_FILES = frozenset({"model.onnx", "model_int8.onnx", "model_int8_static.onnx"})
 # Named in errors as training-only: the trainer's projections, optimizer/scheduler state, arguments, the teacher.
 TRAINING_ONLY_PATTERN = re.compile(
     rf"({re.escape(PROJECTIONS_NAME)}|projections.*|optimizer.*|scheduler.*|training_args.*|trainer_state\.json|"
@@ -52,7 +55,11 @@ KD_PAPER = "https://arxiv.org/abs/1503.02531"  # Hinton et al. 2015, Distilling 
 
 
 def is_allowed_file(name: str) -> bool:
-    """Whether a file name may be part of a published student (see `ALLOWED_FILES`)."""
+    """Whether a file name (`onnx/<file>` inside the ONNX folder) may be part of a published student (see
+    `ALLOWED_FILES`, `ALLOWED_ONNX_FILES`)."""
+    folder, _, file = name.rpartition("/")
+    if folder:
+        return folder == ONNX_FOLDER and file in ALLOWED_ONNX_FILES
     return name in ALLOWED_FILES or SHARD_PATTERN.fullmatch(name) is not None
 
 
@@ -70,13 +77,19 @@ def publishable_files(folder: str | os.PathLike, *, token: str | None = None) ->
             f"{folder!r} has no config.json: pass the student folder written by save_student (<output_dir>/student)."
         )
     names = sorted(os.listdir(folder))
+    onnx_dir = os.path.join(folder, ONNX_FOLDER)
+    if os.path.isdir(onnx_dir):  # the ONNX exports: model.onnx and its int8 variants, nothing else
+        names.remove(ONNX_FOLDER)
+        inside = sorted(os.listdir(onnx_dir))
+        names += [f"{ONNX_FOLDER}/{n}" for n in inside]
     bad = [name for name in names if not (is_allowed_file(name) and os.path.isfile(os.path.join(folder, name)))]
     if bad:
         training = [name for name in bad if TRAINING_ONLY_PATTERN.fullmatch(name)]
         raise ValueError(
             f"{folder!r} holds files a student push never uploads: {bad}"
             + (f" (training-only files {training})" if training else "")
-            + ". Only safetensors weights, config, tokenizer files and README.md are published: push the folder "
+            + ". Only safetensors weights, config, tokenizer files, README.md and onnx/ (model.onnx and its int8 "
+            "variants) are published: push the folder "
             "written by save_student (<output_dir>/student), not a checkpoint or the output_dir."
         )
     if token:
@@ -195,6 +208,10 @@ def loss_terms(args: Any) -> list[tuple[str, float, str]]:
         "attention": f"{getattr(args, 'attention_loss', None)} between attention probabilities, {mapping}",
         "relation": f"{getattr(args, 'relation_loss', None)} between the batch's "
         f"{getattr(args, 'relation_pooling', None)}-pooled representations of block pair {pair} (relation-based KD)",
+        "minilm": f"KL between the self-attention relations {getattr(args, 'minilm_relations', None)} "
+        f"({getattr(args, 'minilm_relation_heads', None)} relation heads) of block pair "
+        f"{getattr(args, 'minilm_layer', None) or 'last->last'} ([MiniLM](https://arxiv.org/abs/2002.10957), "
+        "[MiniLMv2](https://arxiv.org/abs/2012.15828))",
     }
     if (getattr(args, "teacher_noise_std", 0) or 0) > 0:
         described["logits"] += (

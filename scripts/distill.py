@@ -32,7 +32,9 @@ from hf_distill import (
     student_card,
     tokenize_dataset,
 )
+from hf_distill.benchmark_deploy import format_deploy_table
 from hf_distill.data import check_transfer_weights
+from hf_distill.deploy_run import add_deployment_to_card, check_deploy_variants, deploy_student, texts_for_deployment
 from hf_distill.evaluation import evaluate_model, measure_speedup
 from hf_distill.multi_teacher import check_teacher_labels, load_extra_teachers
 from hf_distill.peft_setup import check_peft_run, check_peft_trainer, export_peft_student, save_peft_student
@@ -59,6 +61,12 @@ def main(argv: list[str] | None = None):
     check_transfer_weights(data_args, training_args)  # a transfer set needs a teacher term, checked before loading
     raw = load_task_dataset(data_args, seed=training_args.seed)
     logger.info("data: %s", {split: len(d) for split, d in raw.items()})
+    deploy_variants = check_deploy_variants(  # export + int8 after training: refused now if it cannot run then
+        run_args.deploy_variants,
+        has_eval="eval" in raw,
+        text_pairs=bool(data_args.text_pair_column),
+        adapter_only=model_args.peft is not None and not model_args.save_merged,
+    )
 
     # ------------------------------------------------------------------ run directory: resume only the same run
     settings = run_settings(
@@ -103,6 +111,11 @@ def main(argv: list[str] | None = None):
         compute_metrics=classification_metrics(),
     )
     check_peft_trainer(trainer)  # a LoRA student is merged or unloaded at the end: not under FSDP / ZeRO-3
+    if deploy_variants and teacher_placement(trainer.accelerator) in SHARDED_PLACEMENTS:
+        raise ValueError(
+            f"deploy_variants={deploy_variants!r} times the teacher on one process, but it is sharded here "
+            "(FSDP / ZeRO-3). Drop deploy_variants and deploy the saved student with scripts/export.py."
+        )
 
     # ------------------------------------------------------------------ train (resume: see the run directory stage)
     trainer.add_callback(RunConfigCallback(settings))  # each checkpoint carries the settings it was trained with
@@ -146,6 +159,14 @@ def main(argv: list[str] | None = None):
         base_dir = os.path.join(training_args.output_dir, "student_base")
         save_peft_student(trainer, exported, student_dir, card, merged=model_args.save_merged, base_folder=base_dir)
     logger.info("student saved to %s", student_dir)
+
+    # ------------------------------------------------------------------ deploy (ONNX + int8 in <student>/onnx/, card)
+    if deploy_variants and trainer.is_world_process_zero():
+        check_texts, calibration_texts = texts_for_deployment(raw, data_args.text_column)
+        rows = deploy_student(student_dir, teacher, ds["eval"], DataCollatorWithPadding(tokenizer), deploy_variants,
+                              check_texts=check_texts, calibration_texts=calibration_texts)  # fmt: skip
+        add_deployment_to_card(student_dir, rows)
+        logger.info("deployed %s into %s/onnx: %s", deploy_variants, student_dir, format_deploy_table(rows))
 
     # ------------------------------------------------------------------ push (the student folder's files alone)
     if push and trainer.is_world_process_zero():
