@@ -2,6 +2,7 @@
 
     python scripts/export.py --model_dir students/mpnet-6l --output_dir deploy/mpnet-6l --quantize onnx-int8 \
         --check_file data/sst2_dev.tsv
+    python scripts/export.py ... --quantize onnx-int8-static --calibration_file data/sst2_train.tsv
 
 Prints the max |ONNX Runtime - PyTorch| over the check rows' logits and each file's size. The folder is written into
 a temporary sibling and renamed at the end: a failed run leaves nothing half-written. The logic lives in
@@ -41,16 +42,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ONNX Runtime with PyTorch on. Default: a few built-in sentences.",
     )
     parser.add_argument("--num_check_rows", type=int, default=64, help="Rows of --check_file to use (default 64).")
+    parser.add_argument(
+        "--calibration_file",
+        help="TSV/CSV of training rows (same format as --check_file) to calibrate --quantize onnx-int8-static on; "
+        "not the rows you evaluate on.",
+    )
+    parser.add_argument(
+        "--num_calibration_rows", type=int, default=128, help="Rows of --calibration_file to use (default 128)."
+    )
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace a non-empty --output_dir.")
     return parser.parse_args(argv)
 
 
-def read_check_rows(path: str, limit: int) -> list[str]:
+def read_check_rows(
+    path: str, limit: int, flag: str = "--check_file", count_flag: str = "--num_check_rows"
+) -> list[str]:
     """The first `limit` texts of a TSV/CSV file with a header."""
     if not Path(path).is_file():
-        fail(f"--check_file {path!r} is not a file. Pass a TSV/CSV with a header, e.g. a dev split.")
+        fail(f"{flag} {path!r} is not a file. Pass a TSV/CSV with a header, e.g. a dev split.")
     if limit < 1:
-        fail(f"--num_check_rows must be >= 1, got {limit}. Use e.g. 64.")
+        fail(f"{count_flag} must be >= 1, got {limit}. Use e.g. 64.")
     with open(path, newline="", encoding="utf-8") as f:
         delimiter = "\t" if path.endswith(".tsv") else ","
         reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else 0)
@@ -58,7 +69,7 @@ def read_check_rows(path: str, limit: int) -> list[str]:
         column = next((c for c in TEXT_COLUMNS if c in columns), columns[0] if columns else None)
         texts = [row[column] for _, row in zip(range(limit), reader) if column and row.get(column)]
     if not texts:
-        fail(f"--check_file {path!r} has no text rows (columns: {columns}). Use a file with a header and rows.")
+        fail(f"{flag} {path!r} has no text rows (columns: {columns}). Use a file with a header and rows.")
     return texts
 
 
@@ -66,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     # ---- Arguments ----
     args = parse_args(argv)
     check_texts = read_check_rows(args.check_file, args.num_check_rows) if args.check_file else None
+    calibration_texts = None
+    if args.calibration_file:
+        calibration_texts = read_check_rows(
+            args.calibration_file, args.num_calibration_rows, "--calibration_file", "--num_calibration_rows"
+        )
 
     # ---- Export, check, quantise ----
     try:
@@ -75,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             opset=args.opset,
             check_texts=check_texts,
             quantize=args.quantize,
+            calibration_texts=calibration_texts,
             overwrite=args.overwrite_output_dir,
         )
     except ValueError as err:  # bad folder, family, head, opset or output_dir: the message names the fix

@@ -154,3 +154,25 @@ def test_round_robin_timer_takes_onnx_and_reports_cpu_time(exported, tiny_tokeni
         assert len(timings[name]["b4"]) == len(timings[name]["cpu_b4"]) == 3
     plain, _ = measure_latencies({"pytorch": models["pytorch"]}, dev_set(tiny_tokenizer), collator, runs=1, warmup=0)
     assert set(plain["pytorch"]) == {"latency_b1_ms", "latency_b32_ms"}  # no CPU keys unless asked
+
+
+def test_export_script_static_int8_takes_a_calibration_file(tmp_path, tiny_tokenizer, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script_path = Path(__file__).resolve().parents[1] / "scripts" / "export.py"
+    spec = importlib.util.spec_from_file_location("export_script", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    student = saved("bert", tmp_path / "student", tiny_tokenizer)
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"{text}\t1\n" for text in CALIBRATION))
+    with pytest.raises(SystemExit):  # static int8 without calibration rows: a one-line error, nothing written
+        script.main(
+            ["--model_dir", str(student), "--output_dir", str(tmp_path / "a"), "--quantize", "onnx-int8-static"]
+        )
+    assert "needs calibration_texts" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    script.main(["--model_dir", str(student), "--output_dir", str(tmp_path / "b"), "--quantize", "onnx-int8-static",
+                 "--calibration_file", str(train), "--num_calibration_rows", "8"])  # fmt: skip
+    assert "onnx-int8-static: model_int8_static.onnx" in capsys.readouterr().out
+    assert (tmp_path / "b" / ONNX_INT8_STATIC).is_file()
