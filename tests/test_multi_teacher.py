@@ -14,9 +14,12 @@ from transformers import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertTokenizerFast,
+    DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 
 from hf_distill import (
@@ -360,6 +363,72 @@ def test_columns_only_an_extra_teacher_reads_are_kept(tmp_path, tiny_tokenizer):
     trainer._set_signature_columns_if_needed()
     assert "token_type_ids" in trainer._signature_columns
     trainer.train()  # and the BERT teacher gets them
+
+
+def tiny_llama(seed, hidden=32, layers=2):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # confident next-token distributions
+    return model
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_token_level_kd_mixes_the_teachers_at_every_scored_position(tmp_path, tiny_tokenizer, chunk):
+    g = torch.Generator().manual_seed(0)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for _ in range(4):
+        ids = torch.randint(5, 64, (int(torch.randint(5, 10, (1,), generator=g)),), generator=g).tolist()
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * len(ids))
+        rows["labels"].append([-100] * 3 + ids[3:])  # a 3-token prompt
+    data = Dataset.from_dict(rows)
+    ta, tb, s = tiny_llama(0), tiny_llama(2, hidden=16, layers=3), tiny_llama(1, hidden=16, layers=1)
+    collator = DataCollatorForTokenClassification(tiny_tokenizer)
+    batch = collator([data[i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        s_logits, a_logits, b_logits = (m.eval()(**inputs).logits.double() for m in (copy.deepcopy(s), ta, tb))
+    trainer = DistillationTrainer(
+        model=s,
+        teacher_model=[ta, tb],
+        args=DistillationConfig(
+            output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
+            report_to="none", use_cpu=True, task_weight=0.0, logits_weight=1.0, temperature=2.0,
+            teacher_weights=[1.0, 3.0], logits_chunk_size=chunk,
+        ),
+        train_dataset=data,
+        processing_class=tiny_tokenizer,
+        data_collator=collator,
+    )  # fmt: skip
+    logged = train_logs(trainer)[0]
+    # Position i predicts token i + 1: scored where labels[i + 1] != -100.
+    scored = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    scored[:, :-1] = batch["labels"][:, 1:] != -100
+    m = 0.25 * torch.softmax(a_logits / 2, -1) + 0.75 * torch.softmax(b_logits / 2, -1)
+    kl = (m * (m.log() - torch.log_softmax(s_logits / 2, -1))).sum(-1)
+    assert logged["loss_logits"] == pytest.approx(4 * kl[scored].mean().item(), rel=1e-5)
+
+
+def test_multi_label_heads_mix_each_classs_probability(tmp_path, tiny_tokenizer):
+    ta, tb, s = (
+        confident(bert(0, num_labels=3)),
+        confident(distilbert(5, num_labels=3)),
+        bert(1, num_layers=2, hidden=16, num_labels=3),
+    )
+    data = dataset(tiny_tokenizer).remove_columns("labels")
+    data = data.add_column("labels", [[float((i >> c) & 1) for c in range(3)] for i in range(len(data))])
+    s_logits, a_logits, b_logits = outputs_of([copy.deepcopy(s), ta, tb], tiny_tokenizer, data)
+    trainer = make_trainer(tmp_path, [ta, tb], tiny_tokenizer, model=s, data=data, teacher_weights=[1.0, 3.0])
+    assert trainer.problem_type == "multi_label_classification"
+    p = 0.25 * torch.sigmoid(a_logits.double() / 2) + 0.75 * torch.sigmoid(b_logits.double() / 2)
+    q = torch.sigmoid(s_logits.double() / 2)
+    binary_kl = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    assert train_logs(trainer)[0]["loss_logits"] == pytest.approx(4 * binary_kl.mean().item(), rel=1e-5)
 
 
 def test_teacher_dtype_applies_to_every_teacher(tmp_path, tiny_tokenizer):
