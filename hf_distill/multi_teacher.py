@@ -112,7 +112,7 @@ def mix_teacher_distributions(
     `softmax(teacher_logits / T)`, and the softmax of `log p_mix` is `p_mix` itself (it already sums to 1), so a loss
     given these logits at temperature T compares the student with exactly `p_mix`. An entry to which every teacher
     of weight > 0 gives probability 0 (a `-inf` logit) is `-inf`. The mixture is accumulated teacher by teacher
-    (`logaddexp`), so at most two `(..., C)` fp32 buffers exist at a time.
+    (`logaddexp`), so its memory does not grow with the number of teachers.
 
     With `multi_label` (a multi-label head, whose classes are independent yes/no decisions distilled through
     `sigmoid(z / T)`), each class's probability is mixed instead: `p_mix = sum_i w_i sigmoid(z_i / T)` and the result
