@@ -49,6 +49,7 @@ from .data import (
     row_counts,
     tokenize_dataset,
 )
+from .ema_teacher import EMA_TEACHER_NAME, EMATeacherCallback, build_ema_teacher, ema_update_
 from .evaluation import classification_metrics, load_metric, measure_latency
 from .features import (
     ATTENTION_MODEL_TYPES,
@@ -283,4 +284,8 @@ __all__ = [
     "MiniLMTerm",
     "attention_relation_loss",
     "self_relation_loss",
+    "EMA_TEACHER_NAME",
+    "EMATeacherCallback",
+    "build_ema_teacher",
+    "ema_update_",
 ]

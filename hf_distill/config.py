@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .config_checks import TEACHER_CACHE_DTYPES, check_lm_distillation, check_teacher_cache
+from .ema_teacher import check_ema_args
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
 from .losses.relations import RELATION_LOSSES
 from .minilm_term import check_minilm_args
@@ -280,6 +281,21 @@ class DistillationConfig(TrainingArguments):
             mapping of `TermSchedule`'s arguments (`{field: temperature, start: 4.0, end: 1.0, kind: cosine}`) or the
             same as `key=value` pairs (`"field=relation_weight start=25 start_step=100"`). A scheduled weight must be
             > 0 in the config (the trainer builds only the terms whose weight is > 0).
+        ema_teacher (`bool`, defaults to `False`):
+            Self-distillation from a mean teacher (Tarvainen & Valpola 2017, https://arxiv.org/abs/1703.01780; the
+            EMA teacher of BYOL / DINO): the teacher is a frozen copy of the student (eval mode, dropout off) that
+            becomes `ema_decay * teacher + (1 - ema_decay) * student` after every optimizer step (buffers are
+            copied), and the student is distilled from it with the usual terms plus its task loss (see
+            `hf_distill.ema_teacher`). No teacher model is used: a `teacher_model` passed to the trainer is not
+            distilled from. The teacher's weights are in every checkpoint (`ema_teacher.safetensors`, restored on
+            resume), never in the saved student. Not with `use_teacher_cache`, several teachers, `teacher_dtype`,
+            FSDP or DeepSpeed.
+        ema_decay (`float`, defaults to `0.999`):
+            `ema_teacher`: the decay in [0, 1) of the moving average; 0 makes the teacher the student after each
+            step. The average spans about `1 / (1 - ema_decay)` steps: use a smaller decay for short runs.
+        ema_start_step (`int`, defaults to `0`):
+            `ema_teacher`: the optimizer steps through which the teacher is a copy of the student before the average
+            starts (a warm-up while the student changes fast); 0 averages from the first step.
     """
 
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the logit term (> 0)."})
@@ -451,6 +467,22 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    ema_teacher: bool = field(
+        default=False,
+        metadata={
+            "help": "Self-distillation from a mean teacher (https://arxiv.org/abs/1703.01780): the teacher is a "
+            "moving average of the student's weights, updated after every optimizer step; no teacher model is used."
+        },
+    )
+    ema_decay: float = field(
+        default=0.999,
+        metadata={"help": "ema_teacher: teacher = ema_decay * teacher + (1 - ema_decay) * student, in [0, 1)."},
+    )
+    ema_start_step: int = field(
+        default=0,
+        metadata={"help": "ema_teacher: steps through which the teacher is a copy of the student before averaging."},
+    )
+
     def __post_init__(self):
         # The trainer computes its own loss from the logits; the labels column must reach compute_loss and
         # prediction_step must return labels for metrics, whatever the model's forward signature says.
@@ -499,6 +531,7 @@ class DistillationConfig(TrainingArguments):
         check_multi_teacher_args(self)  # teacher_weights, intermediate_teacher (hf_distill.multi_teacher)
         parse_schedules(self.schedules, self)  # hf_distill.schedules
         check_on_policy_args(self)  # lmbda, seq_kd and the generation fields (hf_distill.on_policy)
+        check_ema_args(self)  # ema_teacher, ema_decay, ema_start_step (hf_distill.ema_teacher)
 
     @property
     def logits_loss_kwargs(self) -> dict[str, float]:

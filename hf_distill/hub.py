@@ -48,7 +48,7 @@ ALLOWED_ONNX_FILES = frozenset({"model.onnx", "model_int8.onnx", "model_int8_sta
 # Named in errors as training-only: the trainer's projections, optimizer/scheduler state, arguments, the teacher.
 TRAINING_ONLY_PATTERN = re.compile(
     rf"({re.escape(PROJECTIONS_NAME)}|projections.*|optimizer.*|scheduler.*|training_args.*|trainer_state\.json|"
-    r"rng_state.*|teacher.*|.*\.bin|.*\.pt|.*\.pth|.*\.pkl)"
+    r"rng_state.*|teacher.*|ema_teacher.*|.*\.bin|.*\.pt|.*\.pth|.*\.pkl)"
 )
 HUB_ID_PATTERN = re.compile(r"[\w.-]+/[\w.-]+|[\w.-]+")
 KD_PAPER = "https://arxiv.org/abs/1503.02531"  # Hinton et al. 2015, Distilling the Knowledge in a Neural Network
@@ -218,6 +218,13 @@ def loss_terms(args: Any) -> list[tuple[str, float, str]]:
             f"; noisy teacher: {args.teacher_noise_mode} Gaussian noise of std {args.teacher_noise_std} on the "
             f"teacher's logits of {args.teacher_noise_fraction:.0%} of the rows, in training"
         )
+    if getattr(args, "ema_teacher", False):  # self-distillation: hf_distill.ema_teacher
+        warm_up = f", a copy of the student through step {args.ema_start_step}" if args.ema_start_step else ""
+        for term in described.keys() - {"task"}:
+            described[term] += (
+                f"; the teacher is an exponential moving average of the student (decay {args.ema_decay}{warm_up}; "
+                "[mean teacher](https://arxiv.org/abs/1703.01780))"
+            )
     schedules = getattr(args, "schedules", None) or []
     terms = []
     for term, what in described.items():

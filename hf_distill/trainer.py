@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from .cache import TeacherCache, cached_teacher_features, has_cached_teacher
 from .config import DistillationConfig, LayerMatch
+from .ema_teacher import EMATeacherCallback, EMATeacherMixin, check_ema_engine, ema_teacher_for
 from .features import check_attention_compatible, forward_with_features
 from .layer_mapping import build_layer_matches, build_projections, hidden_size
 from .logit_term import (
@@ -70,7 +71,14 @@ __all__ = ["PROJECTIONS_NAME", "SAMPLE_TEXTS", "DistillationTrainer", "NonFinite
 
 
 class DistillationTrainer(
-    OnPolicyMixin, ProjectionsMixin, MultiTeacherMixin, TeacherDataMixin, TermLoggingMixin, SearchRunsMixin, Trainer
+    OnPolicyMixin,
+    ProjectionsMixin,
+    EMATeacherMixin,
+    MultiTeacherMixin,
+    TeacherDataMixin,
+    TermLoggingMixin,
+    SearchRunsMixin,
+    Trainer,
 ):
     """Trains `model` (the student) to imitate a frozen `teacher_model`.
 
@@ -103,7 +111,8 @@ class DistillationTrainer(
     hidden states, `hf_distill.relation_term`), `minilm_weight` MiniLM's self-attention relations between one layer
     pair (`hf_distill.minilm_term`), `teacher_noise_std` perturbs the teacher's logits in training
     (noisy teacher, `hf_distill.noisy_teacher`), and `schedules` set the temperature and the weights at every
-    step (`hf_distill.schedules`).
+    step (`hf_distill.schedules`). With `ema_teacher` the teacher is a moving average of the student itself, built
+    here (mean-teacher self-distillation, `hf_distill.ema_teacher`): `teacher_model` is then not needed.
 
     With `teacher_cache_top_k_tail` the logit term is the forward KL against the teacher's top-k + tail
     (`sparse_kl_loss`), from the cache or from the live teacher's logits alike.
@@ -154,6 +163,8 @@ class DistillationTrainer(
             # The checks below need a student: build one as `train()` will, seeded first.
             set_seed(args.seed)
             model = model_init() if number_of_arguments(model_init) == 0 else model_init(None)
+        if args.ema_teacher and model is not None:
+            teacher_model = ema_teacher_for(model, teacher_model)  # a frozen copy of the student, averaged each step
         if model is None or teacher_model is None:
             raise ValueError("DistillationTrainer needs both model (the student) and teacher_model.")
         teacher_model, teachers = split_teachers(teacher_model, model, args, train_dataset, processing_class)
@@ -192,11 +203,15 @@ class DistillationTrainer(
         self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = True  # makes the Trainer call `_get_num_items_in_batch` for us
 
+        if args.ema_teacher:
+            check_ema_engine(self)  # the update needs the student's full parameters: not FSDP / DeepSpeed
         self.teacher = teacher_model
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.teacher = prepare_teacher(self.teacher, self.accelerator, self.args)  # device, FSDP2 or ZeRO-3
         self.teachers = self._place_teachers(teachers)  # [self.teacher] unless several teachers were given
+        if args.ema_teacher:
+            self.add_callback(EMATeacherCallback(self.teacher))
 
         self.layer_matches: list[LayerMatch] = []
         if args.needs_layer_mapping:
