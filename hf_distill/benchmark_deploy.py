@@ -44,7 +44,7 @@ FP32_RUNTIME = "PyTorch fp32"
 
 class DeployStages:
     """Mixed into `hf_distill.benchmark.Benchmark`: needs its `config`, `out`, `raw`, `dataset`, `collator`,
-    `stages` and `eval_name`."""
+    `stages`, and `eval_name` / `stored_predictions` (`hf_distill.benchmark_eval.EvaluationStages`)."""
 
     def deploy_stages(
         self,
@@ -173,10 +173,8 @@ class DeployStages:
 
     def predictions(self, eval_name: str) -> np.ndarray | None:
         """The predicted labels of the model evaluated as `eval_name`, in dev order (None before they were stored)."""
-        path = self.out / "eval" / eval_name / PREDICTIONS_FILE
-        if not path.is_file():
-            return None
-        return np.asarray(json.loads(path.read_text(encoding="utf-8"))["predictions"])
+        stored = self.stored_predictions(eval_name)
+        return None if stored is None else np.asarray(stored["predictions"])
 
 
 def deploy_rows_of(rows, variants, evaluations, variant_evals, exports, latency, predictions) -> list[dict[str, Any]]:
