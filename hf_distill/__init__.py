@@ -105,6 +105,14 @@ from .multi_teacher import (
     mix_teacher_distributions,
     normalized_teacher_weights,
 )
+from .mutual import (
+    MutualLearningConfig,
+    MutualLearningTrainer,
+    PeerArguments,
+    PeerEnsemble,
+    mutual_terms,
+    peer_accuracy_metrics,
+)
 from .noisy_teacher import TeacherNoise, noise_generator, noisy_teacher_logits
 from .placement import prepare_teacher, teacher_placement
 from .recipes import check_recipe_keys, display_path, load_recipe, recipe_root, resolve_recipe_paths
@@ -288,4 +296,10 @@ __all__ = [
     "EMATeacherCallback",
     "build_ema_teacher",
     "ema_update_",
+    "MutualLearningConfig",
+    "MutualLearningTrainer",
+    "PeerArguments",
+    "PeerEnsemble",
+    "mutual_terms",
+    "peer_accuracy_metrics",
 ]
