@@ -150,6 +150,24 @@ def test_shipped_benchmarks_load(path):
             assert os.path.isfile(os.path.join(REPO, recipe)), recipe
 
 
+@pytest.mark.parametrize("path", [p for p in BENCHMARKS if "kind: lm" not in open(p, encoding="utf-8").read()])
+def test_every_shipped_row_builds_its_training_arguments(path, tmp_path):
+    """Every stage of every row of a shipped benchmark gets a valid DistillationConfig as the benchmark builds it
+    (recipe objective + the benchmark's cache arguments): a row the benchmark would refuse only after an hour of
+    other rows (a teacher cache with a term it cannot serve, ...) fails here instead."""
+    from hf_distill.benchmark import Benchmark, recipe_training_args
+    from hf_distill.config import DistillationConfig
+
+    config = load_benchmark_config(path)
+    bench = Benchmark(config, REPO)
+    for name, recipes in {config.baseline_name: [config.baseline_recipe], **config.rows}.items():
+        for recipe in recipes:
+            training = recipe_training_args(bench._path(recipe))
+            cache = bench.cache_args(training) if name != config.baseline_name else {}
+            args = bench._training_args(DistillationConfig, str(tmp_path), max_steps=1, **{**training, **cache})
+            assert args.max_steps == 1, (name, recipe)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
