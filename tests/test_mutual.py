@@ -282,6 +282,34 @@ def test_resume_from_a_checkpoint_reaches_the_uninterrupted_weights(tmp_path, ti
             assert torch.equal(value, final[k][name]), f"peer {k} {name}"
 
 
+def test_load_best_model_at_end_loads_every_peer_of_the_best_checkpoint(tmp_path, tiny_tokenizer):
+    trainer = make_trainer(
+        tmp_path, peers3(), tiny_tokenizer, eval_data=dataset(tiny_tokenizer, 8), max_steps=4,
+        per_device_train_batch_size=4, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        load_best_model_at_end=True, metric_for_best_model="loss_mutual_peer0", greater_is_better=False,
+    )  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-4"), best  # not the last: loading it changes the peers
+    for k, peer in enumerate(trainer.peers):
+        saved = AutoModelForSequenceClassification.from_pretrained(os.path.join(best, f"peer{k}"))
+        for name, value in saved.state_dict().items():
+            assert torch.equal(peer.state_dict()[name], value), (k, name)
+
+
+def test_activation_checkpointing_reaches_every_peer_and_changes_nothing(tmp_path, tiny_tokenizer):
+    results = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(tmp_path / str(checkpointing), peers3(), tiny_tokenizer,
+                               activation_checkpointing=checkpointing)  # fmt: skip
+        trainer.train()
+        assert all(peer.is_activation_checkpointing == checkpointing for peer in trainer.peers)
+        results.append([p.state_dict() for p in trainer.peers])
+    for k, (plain, checkpointed) in enumerate(zip(*results)):
+        for name in plain:
+            torch.testing.assert_close(checkpointed[name], plain[name], msg=f"peer {k} {name}")
+
+
 def test_evaluation_logs_each_peers_accuracy_the_ensembles_and_the_terms(tmp_path, tiny_tokenizer):
     eval_data = dataset(tiny_tokenizer, 12)
     trainer = make_trainer(tmp_path, peers3(), tiny_tokenizer, eval_data=eval_data, per_device_eval_batch_size=5)
