@@ -49,8 +49,10 @@ from .data import (
     row_counts,
     tokenize_dataset,
 )
+from .deploy import DEPLOY_VARIANTS, OnnxClassifier, load_variant
 from .ema_teacher import EMA_TEACHER_NAME, EMATeacherCallback, build_ema_teacher, ema_update_
 from .evaluation import classification_metrics, load_metric, measure_latency
+from .export import ExportResult, export_student
 from .features import (
     ATTENTION_MODEL_TYPES,
     Features,
@@ -207,6 +209,11 @@ __all__ = [
     "load_teacher_cache",
     "make_student",
     "measure_latency",
+    "DEPLOY_VARIANTS",
+    "ExportResult",
+    "OnnxClassifier",
+    "export_student",
+    "load_variant",
     "mlm_replace",
     "mlm_word_candidates",
     "model_card",
