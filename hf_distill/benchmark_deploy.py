@@ -29,11 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from transformers import AutoModelForSequenceClassification
 
 from .benchmark_stages import METRICS_FILE, PREDICTIONS_FILE, fingerprint, run_stage
-from .evaluation import LATENCY_BATCH_SIZES, load_metric, measure_latencies, predict_logits
+from .evaluation import LATENCY_BATCH_SIZES, load_metric, predict_logits
 
 DEPLOY_CHECK_ROWS = 64
 DEPLOY_CALIBRATION_ROWS = 128
@@ -69,7 +67,7 @@ class DeployStages:
             for (row, variant), (path, spec, _) in exports.items()
         }
         timed = {"teacher": finals["teacher"]} | {row: finals[row] for row in c.deploy_rows}
-        latency = self.deploy_latency_stage(timed, exports, self.eval_name(DEPLOY_LATENCY, main_seed))
+        latency = self.latency_stage(timed, self.eval_name(DEPLOY_LATENCY, main_seed), exports=exports)
         predictions = {row: self.predictions(self.eval_name(row, main_seed)) for row in c.deploy_rows}
         predictions |= {key: self.predictions(ev["eval_name"]) for key, ev in variant_evals.items()}
         return deploy_rows_of(c.deploy_rows, c.deploy_variants, evaluations, variant_evals, exports, latency,
@@ -137,39 +135,6 @@ class DeployStages:
         result = run_stage(self.out / "eval" / name, spec, work)
         self.stages.append(result)
         return result.info["metrics"] | {"eval_name": name}
-
-    # ------------------------------------------------------------------ eval/deploy-latency
-    def deploy_latency_stage(self, timed: dict, exports: dict, folder: str) -> dict:
-        """Latency and CPU time of the fp32 PyTorch models in `timed` and of every export, round-robin."""
-        from .deploy import load_variant
-
-        c = self.config
-        spec = {
-            "stage": f"eval/{folder}",
-            "models": {name: fingerprint(model_spec) for name, (_, model_spec) in timed.items()},
-            "exports": {f"{row}-{variant}": fingerprint(s) for (row, variant), (_, s, _) in exports.items()},
-            "runs": c.latency_runs,
-            "warmup": c.latency_warmup,
-            "batch_sizes": list(LATENCY_BATCH_SIZES),
-            "max_eval_samples": c.max_eval_samples,
-        }
-
-        def work(tmp: Path) -> dict:
-            loaded = {
-                name: AutoModelForSequenceClassification.from_pretrained(model_dir).to("cpu").eval()
-                for name, (model_dir, _) in timed.items()
-            }
-            loaded |= {
-                f"{row}-{variant}": load_variant(path, variant) for (row, variant), (path, _, _) in exports.items()
-            }
-            latencies, timings = measure_latencies(loaded, self.dataset["eval"], self.collator, runs=c.latency_runs,
-                                                   warmup=c.latency_warmup, cpu_time=True)  # fmt: skip
-            (tmp / "timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
-            return {"latencies": latencies, "torch_threads": torch.get_num_threads()}
-
-        result = run_stage(self.out / "eval" / folder, spec, work)
-        self.stages.append(result)
-        return result.info
 
     def predictions(self, eval_name: str) -> np.ndarray | None:
         """The predicted labels of the model evaluated as `eval_name`, in dev order (None before they were stored)."""

@@ -51,13 +51,25 @@ class EvaluationStages:
         (and reuses the teacher, its cache and the student init) instead of colliding with their evaluations."""
         return name if seed == self.config.seed else f"{name}-seed{seed}"
 
-    def latency_stage(self, models: dict[str, tuple[str | Path, dict[str, Any]]], folder: str = "latency") -> dict:
+    def latency_stage(
+        self,
+        models: dict[str, tuple[str | Path, dict[str, Any]]],
+        folder: str = "latency",
+        *,
+        exports: dict[tuple[str, str], tuple[Path, dict[str, Any], dict]] | None = None,
+    ) -> dict:
         """CPU latency of every final model, measured round-robin in one stage so all share the same conditions;
-        in `eval/<folder>` (`eval_name("latency", main seed)`: the models timed differ with the main seed)."""
+        in `eval/<folder>` (`eval_name("latency", main seed)`: the models timed differ with the main seed).
+
+        `exports`: (row, variant) -> (export folder, spec, info) of deployed students (`hf_distill.benchmark_deploy`),
+        timed as `<row>-<variant>` beside the PyTorch `models`, with process CPU time too."""
+        from .deploy import load_variant
+
         c = self.config
         spec = {
             "stage": f"eval/{folder}",
             "models": {name: fingerprint(model_spec) for name, (_, model_spec) in models.items()},
+            **({"exports": {f"{r}-{v}": fingerprint(s) for (r, v), (_, s, _) in exports.items()}} if exports else {}),
             "runs": c.latency_runs,
             "warmup": c.latency_warmup,
             "batch_sizes": list(LATENCY_BATCH_SIZES),
@@ -69,9 +81,9 @@ class EvaluationStages:
                 name: AutoModelForSequenceClassification.from_pretrained(model_dir).to("cpu").eval()
                 for name, (model_dir, _) in models.items()
             }
-            latencies, timings = measure_latencies(
-                loaded, self.dataset["eval"], self.collator, runs=c.latency_runs, warmup=c.latency_warmup
-            )
+            loaded |= {f"{r}-{v}": load_variant(path, v) for (r, v), (path, _, _) in (exports or {}).items()}
+            latencies, timings = measure_latencies(loaded, self.dataset["eval"], self.collator, runs=c.latency_runs,
+                                                   warmup=c.latency_warmup, cpu_time=bool(exports))  # fmt: skip
             (tmp / "timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
             return {"latencies": latencies, "torch_threads": torch.get_num_threads()}
 

@@ -114,3 +114,28 @@ def parse_distill_args(argv: list[str]) -> DistillArgs:
         parser.set_defaults(**recipe)
     model, data, run, training = parser.parse_args_into_dataclasses(args=argv)
     return DistillArgs(model=model, data=data, run=run, training=training, recipe_path=recipe_path)
+
+
+# ---------------------------------------------------------------------- --set KEY=VALUE (the YAML-config scripts)
+def add_set_argument(parser) -> None:
+    """`--set KEY=VALUE` (repeatable) on an argparse parser: a config key overridden, VALUE read as YAML."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a config key, VALUE read as YAML (repeatable), e.g. --set max_train_samples=500.",
+    )
+
+
+def parse_set_overrides(pairs: list[str]) -> dict:
+    """The `--set KEY=VALUE` pairs as `{key: yaml value}`; a pair without `=` exits with a one-line error."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}.")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides

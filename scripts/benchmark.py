@@ -24,11 +24,11 @@ import sys
 import time
 
 import transformers
-import yaml
 
 from hf_distill.benchmark import format_table, run_benchmark, update_results_blocks
 from hf_distill.benchmark_combine import combine_records, load_record
 from hf_distill.benchmark_report import write_json_atomic
+from hf_distill.cli import add_set_argument, parse_set_overrides
 from hf_distill.files import write_text_atomic
 from hf_distill.lm_benchmark import LMBenchmarkConfig, load_any_benchmark_config, run_lm_benchmark
 
@@ -53,24 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "record of all their seeds (--into), run nothing. See hf_distill.benchmark_combine.",
     )
     parser.add_argument("--into", metavar="RECORD", help="Where --combine writes the combined record.")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a config key, VALUE read as YAML (repeatable), e.g. --set max_train_samples=500.",
-    )
+    add_set_argument(parser)
     return parser.parse_args(argv)
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}.")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         return update_docs(os.path.join(REPO, "BENCHMARKS.md"))
     if args.combine:
         return combine(args.combine, args.into)
-    overrides = parse_overrides(args.set)
+    overrides = parse_set_overrides(args.set)
     changed = bool(overrides)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir

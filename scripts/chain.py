@@ -18,9 +18,9 @@ import os
 import sys
 
 import transformers
-import yaml
 
 from hf_distill.chain import load_chain_config, run_chain
+from hf_distill.cli import add_set_argument, parse_set_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,30 +29,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="Chain YAML (keys: hf_distill.chain.ChainConfig fields).")
     parser.add_argument("--output_dir", default=None, help="Output folder (default: outputs/chains/<name>).")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a config key, VALUE read as YAML (repeatable), e.g. --set max_train_samples=500.",
-    )
+    add_set_argument(parser)
     return parser.parse_args(argv)
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}.")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ args
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    overrides = parse_overrides(args.set)
+    overrides = parse_set_overrides(args.set)
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
 
