@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .losses.minilm import MINILM_RELATIONS, attention_relation_loss
+from .relation_term import layer_pair, resolve_layer
 from .student import get_layers, num_layers
 from .tasks import is_causal_lm
 
@@ -99,21 +100,6 @@ def parse_minilm_relations(value: str) -> tuple[str, ...]:
     return names
 
 
-def _layer_pair(value: str) -> tuple[int, int]:
-    from .config import parse_layer_mapping  # here: config.py imports this module
-
-    try:
-        pairs = parse_layer_mapping(value)
-    except ValueError:
-        pairs = None
-    if not isinstance(pairs, list) or len(pairs) != 1:
-        raise ValueError(
-            f"minilm_layer must be one 'teacher->student' pair such as '11->5' (or None: the last block of each), "
-            f"got {value!r}."
-        )
-    return pairs[0]
-
-
 def check_minilm_args(args: DistillationConfig) -> None:
     """`DistillationConfig`'s checks of the minilm fields (the layers and widths are checked against the models
     later, by `build_minilm_term`)."""
@@ -125,23 +111,13 @@ def check_minilm_args(args: DistillationConfig) -> None:
             "query / key / value widths)."
         )
     if args.minilm_layer is not None:
-        _layer_pair(args.minilm_layer)
+        layer_pair(args.minilm_layer, "minilm_layer")
     if args.minilm_weight > 0 and args.use_teacher_cache:
         raise ValueError(
             f"minilm_weight={args.minilm_weight} needs the teacher's query / key / value projections, which the "
             "teacher cache does not store. Set use_teacher_cache=False (the teacher then runs each step), or "
             "minilm_weight=0."
         )
-
-
-def _resolve(index: int, depth: int, model: str, value: str | None) -> int:
-    resolved = index + depth if index < 0 else index
-    if not 0 <= resolved < depth:
-        raise ValueError(
-            f"minilm_layer={value!r} names {model} layer {index}, outside the {model}'s layers 0..{depth - 1} (or "
-            f"-{depth}..-1 from the end). Use e.g. '-1->-1' for the last layer of each, or leave it None."
-        )
-    return resolved
 
 
 def _projection_modules(model: nn.Module, layer: int) -> dict[str, nn.Module]:
@@ -181,9 +157,9 @@ def build_minilm_term(
         return None
     teacher_layer, student_layer = -1, -1
     if args.minilm_layer is not None:
-        teacher_layer, student_layer = _layer_pair(args.minilm_layer)
-    teacher_layer = _resolve(teacher_layer, num_layers(teacher), "teacher", args.minilm_layer)
-    student_layer = _resolve(student_layer, num_layers(student), "student", args.minilm_layer)
+        teacher_layer, student_layer = layer_pair(args.minilm_layer, "minilm_layer")
+    teacher_layer = resolve_layer(teacher_layer, num_layers(teacher), "teacher", args.minilm_layer, "minilm_layer")
+    student_layer = resolve_layer(student_layer, num_layers(student), "student", args.minilm_layer, "minilm_layer")
     if is_causal_lm(teacher) != is_causal_lm(student):
         raise ValueError(
             "minilm_weight > 0 compares token relations, which are causal in a causal LM and bidirectional in an "

@@ -63,7 +63,9 @@ def relation_layers(term: RelationTerm | None) -> tuple[set[int], set[int]]:
     return {term.student_layer}, {term.teacher_layer}
 
 
-def _layer_pair(value: str) -> tuple[int, int]:
+def layer_pair(value: str, field: str = "relation_layer") -> tuple[int, int]:
+    """The one `teacher->student` pair of a single-pair field (`relation_layer`, `minilm_layer`), or a ValueError
+    naming `field`."""
     from .config import parse_layer_mapping  # here: config.py imports this module
 
     try:
@@ -72,7 +74,7 @@ def _layer_pair(value: str) -> tuple[int, int]:
         pairs = None
     if not isinstance(pairs, list) or len(pairs) != 1:
         raise ValueError(
-            f"relation_layer must be one 'teacher->student' pair such as '11->5' (or None: the last block of each), "
+            f"{field} must be one 'teacher->student' pair such as '11->5' (or None: the last block of each), "
             f"got {value!r}."
         )
     return pairs[0]
@@ -88,14 +90,15 @@ def check_relation_args(args: DistillationConfig) -> None:
             "mean over real tokens) or 'cls' (the first token)."
         )
     if args.relation_layer is not None:
-        _layer_pair(args.relation_layer)
+        layer_pair(args.relation_layer)
 
 
-def _resolve(index: int, depth: int, model: str, value: str) -> int:
+def resolve_layer(index: int, depth: int, model: str, value: str | None, field: str = "relation_layer") -> int:
+    """`index` of a `field` pair (negative: from the end) as a block of a `model` of `depth` blocks."""
     resolved = index + depth if index < 0 else index
     if not 0 <= resolved < depth:
         raise ValueError(
-            f"relation_layer={value!r} names {model} layer {index}, outside the {model}'s layers 0..{depth - 1} (or "
+            f"{field}={value!r} names {model} layer {index}, outside the {model}'s layers 0..{depth - 1} (or "
             f"-{depth}..-1 from the end). Use e.g. '-1->-1' for the last layer of each, or leave it None."
         )
     return resolved
@@ -115,9 +118,9 @@ def build_relation_term(
         return None
     teacher_layer, student_layer = -1, -1
     if args.relation_layer is not None:
-        teacher_layer, student_layer = _layer_pair(args.relation_layer)
-    teacher_layer = _resolve(teacher_layer, num_layers(teacher), "teacher", args.relation_layer)
-    student_layer = _resolve(student_layer, num_layers(student), "student", args.relation_layer)
+        teacher_layer, student_layer = layer_pair(args.relation_layer)
+    teacher_layer = resolve_layer(teacher_layer, num_layers(teacher), "teacher", args.relation_layer)
+    student_layer = resolve_layer(student_layer, num_layers(student), "student", args.relation_layer)
     if args.relation_pooling == "cls" and (is_causal_lm(student) or is_causal_lm(teacher)):
         raise ValueError(
             "relation_pooling='cls' takes each sequence's first token, which in a causal LM has seen only itself. "
