@@ -3,6 +3,8 @@
 `run_benchmark(config)` runs these stages, each in its own folder under `config.output_dir`:
 
     teacher/                   the teacher fine-tuned on the task (absent when `finetune_teacher: false`)
+    teacher-seed<s>/           with `extra_teacher_seeds`: the same fine-tune under seed s, one more teacher of the
+                               rows whose recipe sets `teacher_weights` (multi-teacher KD, `hf_distill.benchmark_rows`)
     student_init/              the student built from alternating teacher layers: the start of every row
                                (`student_init_from: pretrained`: the pre-trained model's layers, no head)
     general/                   with `general_recipe`: student_init's body generally distilled from the pre-trained
@@ -10,6 +12,8 @@
     rows/<row>/<k>-<recipe>/   the student after stage k of a row (a row is a list of recipes run in order, each
                                stage starting from the previous stage's student); the baseline is a row too
     rows/<row>/seed<s>/...     the same row under another training seed (`student_seeds`)
+    rows/<mutual row>/1-<recipe>/peer<k>/   with `mutual_rows`: the peers of deep mutual learning, peer 0 the row's
+                               model, every peer and the ensemble evaluated in eval/<row>-peers/ (`benchmark_rows`)
     teacher_cache/             the teacher's outputs on the training rows, one cache per set of features
                                (`teacher_cache: true`), shared by every distilled row, seed and rerun
     eval/<model>/              dev accuracy, parameters, size on disk and per-row predictions of one final model
@@ -101,6 +105,7 @@ from .benchmark_report import (  # noqa: F401
     update_results_blocks,
     write_json_atomic,
 )
+from .benchmark_rows import RowKindStages
 from .benchmark_stages import (  # noqa: F401
     BENCHMARK_OWNED_KEYS,
     LOG_HISTORY_FILE,
@@ -127,7 +132,7 @@ from .trainer import DistillationTrainer
 
 
 # ---------------------------------------------------------------------------------------------------- the pipeline
-class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
+class Benchmark(RowKindStages, DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
     """The stages of one benchmark, in the order `run` calls them; data and models are loaded only when a stage needs
     them, so a rerun over finished folders loads nothing."""
 
@@ -154,28 +159,34 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
         )
 
     # ------------------------------------------------------------------ (1) the teacher
-    def teacher_stage(self) -> dict[str, Any]:
+    def teacher_stage(self, seed: int | None = None) -> dict[str, Any]:
+        """`teacher/`; with another `seed` (`extra_teacher_seeds`), the same fine-tune under that seed (head
+        initialisation, data order, dropout) into `teacher-seed<seed>/`."""
         c = self.config
+        seed = c.seed if seed is None else seed
+        folder = "teacher" if seed == c.seed else f"teacher-seed{seed}"
         spec = {
-            "stage": "teacher",
+            "stage": folder,
             "teacher": c.teacher_model_name_or_path,
             "learning_rate": c.teacher_learning_rate,
             "num_train_epochs": c.teacher_num_train_epochs,
             **self._common_spec(),
+            **({"teacher_seed": seed} if seed != c.seed else {}),
         }
         if not c.finetune_teacher:
             return {**spec, "given": self.teacher_dir}
-        stage_dir = self.out / "teacher"
-        checkpoints = self.out / "teacher.checkpoints"
+        stage_dir = self.out / folder
+        checkpoints = self.out / f"{folder}.checkpoints"
 
         def make_trainer(output_dir: str) -> Trainer:
-            set_seed(c.seed)  # the new classification head is initialised from this seed
+            set_seed(seed)  # the new classification head is initialised from this seed
             model, _ = load_teacher(ModelArguments(teacher_model_name_or_path=self.base_teacher), self.num_labels)
             args = self._training_args(
                 TrainingArguments,
                 output_dir,
                 num_train_epochs=c.teacher_num_train_epochs,
                 learning_rate=c.teacher_learning_rate,
+                seed=seed,
                 warmup_steps=0.1,
                 weight_decay=0.01,
             )
@@ -235,6 +246,8 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
         """
         c = self.config
         seed = c.seed if seed is None else seed
+        if name in c.mutual_rows:  # trained by MutualLearningTrainer (hf_distill.benchmark_rows)
+            return self.mutual_row_stages(name, recipes[0], init_spec, seed)
         distilled = name != c.baseline_name
         transfer_spec = self.transfer_spec() if transfer else {}
         total_steps = self.row_steps(transfer)
@@ -259,6 +272,7 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
                 **({"steps": steps} if steps != split_budget(self.steps(transfer), len(recipes))[k - 1] else {}),
                 **({"train_seed": seed} if seed != c.seed else {}),
                 **({"teacher_cache": True} if cache else {}),  # float16 storage: close to, not equal to, live
+                **self.extra_teacher_spec(training),  # a multi-teacher stage: a changed extra teacher retrains it
             }
             stage_dir = row_dir / stage_name
             checkpoints = stage_dir.with_name(stage_name + ".checkpoints")
@@ -272,7 +286,7 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
                 )
                 return DistillationTrainer(
                     model=student,
-                    teacher_model=self.teacher,
+                    teacher_model=self.teachers_of(training),  # every teacher when the recipe sets teacher_weights
                     args=args,
                     train_dataset=self.train_rows(transfer),
                     processing_class=self.tokenizer,
@@ -319,11 +333,14 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
         c = self.config
         check_baseline_recipe(self._path(c.baseline_recipe))
         check_transfer_recipes(c, self._path)
+        self.check_row_recipes()  # multi-teacher and mutual-learning recipes (hf_distill.benchmark_rows)
         self.out.mkdir(parents=True, exist_ok=True)
         teacher_spec = self.teacher_stage()
+        extra_teachers = self.extra_teacher_stages()  # teacher-seed<s>/ for each of extra_teacher_seeds
         init_spec = self.student_init_stage(teacher_spec)
-        rows = {c.baseline_name: [c.baseline_recipe], **c.rows}
-        transfer = {name: name != c.baseline_name and name not in c.labelled_only_rows for name in rows}
+        rows = {c.baseline_name: [c.baseline_recipe], **c.rows, **{n: [r] for n, r in c.mutual_rows.items()}}
+        labelled_only = {c.baseline_name, *c.labelled_only_rows, *c.mutual_rows}  # DML: labelled rows, like no-KD
+        transfer = {name: name not in labelled_only for name in rows}
         general = self.general_stage(init_spec) if c.general_recipe else None
         starts = {name: general if name in c.general_rows else None for name in rows}
         main_seed = c.student_seeds[0]  # its models are evaluated, timed and shown
@@ -339,10 +356,10 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
             for s in seeds
         }
 
-        finals = {"teacher": (self.teacher_dir, teacher_spec)}
+        finals = {"teacher": (self.teacher_dir, teacher_spec), **extra_teachers}
         finals.update({name: (final_dir, final_spec) for name, (final_dir, final_spec, _) in trained.items()})
         evaluations = {
-            name: self.eval_stage(name if name == "teacher" else self.eval_name(name, main_seed), path, spec)
+            name: self.eval_stage(name if name in self.teacher_names else self.eval_name(name, main_seed), path, spec)
             for name, (path, spec) in finals.items()
         }
         seed_evaluations = {
@@ -353,8 +370,9 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
             evaluations[name].update(latencies)
         deploy = self.deploy_stages(finals, evaluations, main_seed)  # [] without deploy_rows
 
-        # Training seeds per row, the evaluated-and-timed one first; the teacher trains under `seed` alone.
-        seeds_of = {"teacher": [c.seed]} | {name: [main_seed, *extra_seeds.get(name, [])] for name in rows}
+        # Training seeds per row, the evaluated-and-timed one first; the teachers train under `seed` (and their own).
+        seeds_of = {name: [c.seed] for name in self.teacher_names}
+        seeds_of |= {name: [main_seed, *extra_seeds.get(name, [])] for name in rows}
         teacher_info = next((s.info for s in self.stages if s.path == str(self.out / "teacher")), {})
         results_rows = [
             {
@@ -366,6 +384,7 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
                 **evaluations["teacher"],
             }
         ]
+        results_rows += self.extra_teacher_rows(evaluations)
         for name, (_, _, stage_infos) in trained.items():
             seeds = seeds_of[name]
             per_seed = [evaluations[name]["accuracy"]] + [seed_evaluations[name, s]["accuracy"] for s in seeds[1:]]
@@ -386,6 +405,7 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
                 row.update(accuracy=float(np.mean(per_seed)), accuracy_std=float(np.std(per_seed, ddof=1)))
                 row["accuracy_per_seed"] = dict(zip(seeds, per_seed))
             results_rows.append(row)
+        self.add_peer_results(results_rows, finals, main_seed)  # mutual rows: every peer's and the ensemble's accuracy
         add_relative_metrics(results_rows, baseline=c.baseline_name)
         correct = {name: self.correct_by_seed(name, seeds) for name, seeds in seeds_of.items()}
         self.add_intervals(results_rows, correct)
@@ -413,6 +433,7 @@ class Benchmark(DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
                 "stage_split": "a row of k recipes gives each stage 1/k of the steps",
                 **({"student_init_from": c.student_init_from} if c.student_init_from != "teacher" else {}),
                 **({"general_steps": c.general_steps, "general_rows": c.general_rows} if c.general_recipe else {}),
+                **self.rows_budget(),  # extra_teacher_seeds, mutual_rows (only when set)
             },
             "torch_threads": latency["torch_threads"],
             "rows": results_rows,

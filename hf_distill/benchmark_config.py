@@ -95,6 +95,14 @@ class BenchmarkConfig:
         eval_batch_size (`int`, defaults to `64`): batch size of the accuracy pass.
         latency_runs (`int`, defaults to `20`), latency_warmup (`int`, defaults to `3`): timed and untimed forward
             passes of each latency median, at batch 1 and batch 32 of real dev rows, on CPU.
+        extra_teacher_seeds (`list[int]`, defaults to `[]`): more teachers, each fine-tuned exactly as the teacher
+            but under its seed (head, data order, dropout) into `teacher-seed<s>/` and shown as its own row; a row
+            whose recipe sets `teacher_weights` (the teacher's first, then one per seed) distils from all of them
+            (`hf_distill.benchmark_rows`; such a recipe sets `use_teacher_cache: false`).
+        mutual_rows (`dict[str, str]`, defaults to `{}`), mutual_num_peers (`int`, defaults to `2`): rows trained by
+            deep mutual learning (`MutualLearningTrainer`, no teacher): row name -> a mutual-learning recipe; the
+            peers are copies of `student_init/` trained together on the labelled rows alone (like no-KD) for the
+            steps of every student row, and peer 0 is the row's model (`hf_distill.benchmark_rows`).
         deploy_rows (`list[str]`, defaults to `[]`), deploy_variants (`list[str]`, defaults to `["onnx",
             "onnx-int8", "torch-int8"]`), deploy_opset (`int`, defaults to `18`): the rows whose final student (main
             seed) is exported to ONNX and quantised (`hf_distill.benchmark_deploy`; variants of
@@ -183,6 +191,14 @@ class BenchmarkConfig:
     baseline_name: str = field(default="no_kd", metadata={"help": "Name of the no-KD row."})
     baseline_recipe: str | None = field(default=None, metadata={"help": "Recipe of the no-KD row (task loss only)."})
     rows: dict[str, list[str]] = field(default_factory=dict, metadata={"help": "Row name -> recipes run in order."})
+    # Rows beyond one teacher and one student (hf_distill.benchmark_rows)
+    extra_teacher_seeds: list[int] = field(
+        default_factory=list, metadata={"help": "Seeds of more teachers fine-tuned like the teacher (multi-teacher)."}
+    )
+    mutual_rows: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Row name -> mutual-learning recipe (peers: copies of student_init)."}
+    )
+    mutual_num_peers: int = field(default=2, metadata={"help": "Peers of each mutual row (>= 2); peer 0 is shown."})
     # Evaluation
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the accuracy pass."})
     latency_runs: int = field(default=20, metadata={"help": "Timed forward passes per latency median (>= 20)."})
@@ -252,6 +268,9 @@ class BenchmarkConfig:
                 raise ValueError(f"row name {name!r} is taken (the teacher and the baseline have their own rows).")
             if not recipes:
                 raise ValueError(f"row {name!r} has no recipe. List at least one recipe file.")
+        from .benchmark_rows import check_row_kinds
+
+        check_row_kinds(self)  # extra_teacher_seeds, mutual_rows, mutual_num_peers
         self._check_rows_and_seeds()
         self._check_general()
         self._check_deploy()
@@ -334,7 +353,7 @@ class BenchmarkConfig:
                 continue
             if isinstance(listed, str) or not all(isinstance(r, str) for r in listed):
                 raise ValueError(f"{name} must be a list of row names, got {listed!r}. E.g. {name}: [vanilla_kd].")
-            allowed = set(self.rows) | ({self.baseline_name} if name == "seed_rows" else set())
+            allowed = set(self.rows) | ({self.baseline_name, *self.mutual_rows} if name == "seed_rows" else set())
             unknown = [r for r in listed if r not in allowed]
             if unknown:
                 raise ValueError(

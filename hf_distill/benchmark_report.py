@@ -266,7 +266,7 @@ def budget_text(results: dict[str, Any]) -> str:
     """One paragraph on what every row trained on and for how long, from a results dict or record."""
     budget = results["budget"]
     transfer = budget.get("transfer_set")
-    students = results["rows"][1:]
+    students = [r for r in results["rows"][1:] if r.get("teacher_seed") is None]  # not the extra teachers
     kd = next((r for r in students if r.get("train_rows_unlabelled")), None)
     steps = sorted({r["train_steps"] for r in students if r.get("train_steps") is not None})
     steps_text = (
@@ -288,6 +288,13 @@ def budget_text(results: dict[str, Any]) -> str:
     seeds = budget.get("student_seeds") or []
     if len(seeds) > 1:
         text += f"; training seeds {seeds} (mean ± std over seeds)"
+    if budget.get("mutual_rows"):  # hf_distill.benchmark_rows
+        text += (
+            f"; {', '.join(budget['mutual_rows'])}: deep mutual learning of {budget['mutual_num_peers']} copies of "
+            "student_init, no teacher, on the labelled rows alone like no-KD (peer 0 shown)"
+        )
+    if budget.get("extra_teacher_seeds"):
+        text += f"; extra teachers fine-tuned like the teacher under seeds {budget['extra_teacher_seeds']}"
     batch, length = budget["per_device_train_batch_size"], budget["max_length"]
     return f"{text}, batch {batch}, max_length {length} ({budget['stage_split']})."
 

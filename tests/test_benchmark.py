@@ -156,7 +156,9 @@ def test_every_shipped_row_builds_its_training_arguments(path, tmp_path):
     (recipe objective + the benchmark's cache arguments): a row the benchmark would refuse only after an hour of
     other rows (a teacher cache with a term it cannot serve, ...) fails here instead."""
     from hf_distill.benchmark import Benchmark, recipe_training_args
+    from hf_distill.benchmark_rows import mutual_training_args
     from hf_distill.config import DistillationConfig
+    from hf_distill.mutual_config import MutualLearningConfig
 
     config = load_benchmark_config(path)
     bench = Benchmark(config, REPO)
@@ -166,6 +168,11 @@ def test_every_shipped_row_builds_its_training_arguments(path, tmp_path):
             cache = bench.cache_args(training) if name != config.baseline_name else {}
             args = bench._training_args(DistillationConfig, str(tmp_path), max_steps=1, **{**training, **cache})
             assert args.max_steps == 1, (name, recipe)
+    for name, recipe in config.mutual_rows.items():  # MutualLearningTrainer rows (hf_distill.benchmark_rows)
+        training = mutual_training_args(bench._path(recipe))
+        args = bench._training_args(MutualLearningConfig, str(tmp_path), max_steps=1, **training)
+        assert args.max_steps == 1, (name, recipe)
+    bench.check_row_recipes()  # teacher_weights against extra_teacher_seeds, the cache, the mutual recipes
 
 
 @pytest.mark.parametrize(
