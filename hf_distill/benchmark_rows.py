@@ -82,8 +82,9 @@ def check_row_kinds(config) -> None:
             f"mutual_rows must map row names to one mutual-learning recipe each, got {rows!r}. E.g. mutual_rows: "
             "{dml: recipes/minilm-sst2_to_minilm-l3/mutual/benchmark_dml.yaml}."
         )
-    taken = {"teacher", config.baseline_name, *config.rows, *map(extra_teacher_name, seeds)}
-    for name in [*config.rows, *rows]:
+    chains = getattr(config, "chain_rows", None) or {}  # hf_distill.benchmark_chains
+    taken = {"teacher", config.baseline_name, *config.rows, *chains, *map(extra_teacher_name, seeds)}
+    for name in [*config.rows, *chains, *rows]:
         if name in map(extra_teacher_name, seeds):
             raise ValueError(f"row name {name!r} is taken (the teacher fine-tuned under seed {name[12:]}).")
     for name in rows:
@@ -92,7 +93,7 @@ def check_row_kinds(config) -> None:
         if name in taken:
             raise ValueError(
                 f"mutual_rows names {name!r}, which is already a row of this benchmark (the teacher, the baseline, "
-                "an extra teacher or one of rows). Give the mutual-learning row its own name, e.g. dml."
+                "an extra teacher, one of rows or chain_rows). Give the mutual-learning row its own name, e.g. dml."
             )
     peers = config.mutual_num_peers
     if isinstance(peers, bool) or not isinstance(peers, int) or peers < 2:
