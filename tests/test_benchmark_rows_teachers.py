@@ -261,3 +261,49 @@ def test_multi_teacher_and_mutual_rows_end_to_end(tmp_path, tiny_tokenizer, monk
         os.stat(out / "rows" / "vanilla_kd" / "1-vanilla_kd" / STAGE_FILE).st_mtime_ns
         == mtimes[str(out / "rows" / "vanilla_kd" / "1-vanilla_kd" / STAGE_FILE)]
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SST2, reason="real SST-2 files not found")
+def test_mutual_row_resumes_from_its_checkpoint(tmp_path, tiny_tokenizer, monkeypatch):
+    """An interrupted DML stage resumes from its last checkpoint (peer<k>/ folders) to the peers an uninterrupted
+    run trains."""
+    from hf_distill.mutual import MutualLearningTrainer
+
+    _save_base(tmp_path, tiny_tokenizer)
+    rows = {"rows": {"vanilla_kd": [os.path.join(RECIPES, "vanilla_kd.yaml")]}, "extra_teacher_seeds": []}
+    config = _tiny_config(tmp_path, teacher_cache=False, **rows)
+    out = tmp_path / "out"
+    stage = out / "rows" / "dml" / "1-benchmark_dml"
+
+    original, calls = MutualLearningTrainer.training_step, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the checkpoint of step 1
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MutualLearningTrainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config, REPO)
+    monkeypatch.setattr(MutualLearningTrainer, "training_step", original)
+    checkpoint = stage.with_name("1-benchmark_dml.checkpoints") / "checkpoint-1"
+    assert (checkpoint / "peer0").is_dir() and (checkpoint / "peer1").is_dir() and not stage.exists()
+
+    results = run_benchmark(config, REPO)
+    status = {os.path.relpath(s["path"], out): s["status"] for s in results["stages"]}
+    assert status["rows/dml/1-benchmark_dml"] == "resumed" and status["teacher"] == "reused"
+    assert not stage.with_name("1-benchmark_dml.checkpoints").exists()
+
+    fresh = run_benchmark(
+        _tiny_config(tmp_path, teacher_cache=False, output_dir=str(tmp_path / "fresh"), **rows), REPO
+    )
+    assert {r["name"]: r["accuracy"] for r in fresh["rows"]} == {r["name"]: r["accuracy"] for r in results["rows"]}
+    for k in (0, 1):
+        resumed = AutoModelForSequenceClassification.from_pretrained(stage / f"peer{k}").state_dict()
+        uninterrupted = AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "fresh" / "rows" / "dml" / "1-benchmark_dml" / f"peer{k}"
+        ).state_dict()
+        for name, value in uninterrupted.items():
+            torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=f"peer{k} {name}")
