@@ -14,6 +14,8 @@
     rows/<row>/seed<s>/...     the same row under another training seed (`student_seeds`)
     rows/<mutual row>/1-<recipe>/peer<k>/   with `mutual_rows`: the peers of deep mutual learning, peer 0 the row's
                                model, every peer and the ensemble evaluated in eval/<row>-peers/ (`benchmark_rows`)
+    rows/<chain row>/<k>-<recipe>/   with `chain_rows`: stage k taught by stage k-1's model, each stage a whole row's
+                               steps (teacher-assistant chains, born-again networks: `hf_distill.benchmark_chains`)
     teacher_cache/             the teacher's outputs on the training rows, one cache per set of features
                                (`teacher_cache: true`), shared by every distilled row, seed and rerun
     eval/<model>/              dev accuracy, parameters, size on disk and per-row predictions of one final model
@@ -77,6 +79,7 @@ from transformers import (
 )
 
 from .arguments import ModelArguments
+from .benchmark_chains import ChainStages
 
 # Re-exported: configuration, stages and reporting live in their own modules; every name stays importable from here.
 from .benchmark_config import (  # noqa: F401
@@ -132,7 +135,7 @@ from .trainer import DistillationTrainer
 
 
 # ---------------------------------------------------------------------------------------------------- the pipeline
-class Benchmark(RowKindStages, DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
+class Benchmark(ChainStages, RowKindStages, DeployStages, EvaluationStages, GeneralStages, BenchmarkInputs):
     """The stages of one benchmark, in the order `run` calls them; data and models are loaded only when a stage needs
     them, so a rerun over finished folders loads nothing."""
 
@@ -246,6 +249,8 @@ class Benchmark(RowKindStages, DeployStages, EvaluationStages, GeneralStages, Be
         """
         c = self.config
         seed = c.seed if seed is None else seed
+        if name in c.chain_rows:  # each stage taught by the previous one's model (hf_distill.benchmark_chains)
+            return self.chain_row_stages(name, recipes, init_spec, transfer, seed)
         if name in c.mutual_rows:  # trained by MutualLearningTrainer (hf_distill.benchmark_rows)
             return self.mutual_row_stages(name, recipes[0], init_spec, seed)
         distilled = name != c.baseline_name
@@ -334,11 +339,13 @@ class Benchmark(RowKindStages, DeployStages, EvaluationStages, GeneralStages, Be
         check_baseline_recipe(self._path(c.baseline_recipe))
         check_transfer_recipes(c, self._path)
         self.check_row_recipes()  # multi-teacher and mutual-learning recipes (hf_distill.benchmark_rows)
+        self.check_chain_rows()  # every stage's recipe and depth (hf_distill.benchmark_chains)
         self.out.mkdir(parents=True, exist_ok=True)
         teacher_spec = self.teacher_stage()
         extra_teachers = self.extra_teacher_stages()  # teacher-seed<s>/ for each of extra_teacher_seeds
         init_spec = self.student_init_stage(teacher_spec)
         rows = {c.baseline_name: [c.baseline_recipe], **c.rows, **{n: [r] for n, r in c.mutual_rows.items()}}
+        rows |= c.chain_rows  # row name -> its stages ({recipe, num_layers})
         labelled_only = {c.baseline_name, *c.labelled_only_rows, *c.mutual_rows}  # DML: labelled rows, like no-KD
         transfer = {name: name not in labelled_only for name in rows}
         general = self.general_stage(init_spec) if c.general_recipe else None
@@ -431,6 +438,7 @@ class Benchmark(RowKindStages, DeployStages, EvaluationStages, GeneralStages, Be
                 "max_length": c.max_length,
                 "num_train_epochs": c.num_train_epochs,
                 "stage_split": "a row of k recipes gives each stage 1/k of the steps",
+                **({"chain_stages": "every stage of a chain row trains a whole row's steps"} if c.chain_rows else {}),
                 **({"student_init_from": c.student_init_from} if c.student_init_from != "teacher" else {}),
                 **({"general_steps": c.general_steps, "general_rows": c.general_rows} if c.general_recipe else {}),
                 **self.rows_budget(),  # extra_teacher_seeds, mutual_rows (only when set)

@@ -92,6 +92,12 @@ class BenchmarkConfig:
             non-zero weight is `task_weight`.
         rows (`dict[str, list[str]]`): row name -> recipe files run in order, e.g.
             `{"tinybert": ["recipes/x/tinybert_stage1.yaml", "recipes/x/tinybert_stage2.yaml"]}`.
+        chain_rows (`dict[str, list]`, defaults to `{}`): rows whose stages each have their own teacher
+            (`hf_distill.benchmark_chains`: teacher-assistant chains, born-again networks): row name -> stages in
+            order, each a recipe file or `{recipe: <file>, num_layers: <n>}`. Stage 1 is taught by the teacher, each
+            later stage by the previous stage's model; a stage with `num_layers` distils a new student of that depth
+            (its teacher's alternating layers), one without it `student_init/` (the last stage always). Every stage
+            trains a whole row's steps, so the row's train steps are their sum.
         eval_batch_size (`int`, defaults to `64`): batch size of the accuracy pass.
         latency_runs (`int`, defaults to `20`), latency_warmup (`int`, defaults to `3`): timed and untimed forward
             passes of each latency median, at batch 1 and batch 32 of real dev rows, on CPU.
@@ -191,6 +197,9 @@ class BenchmarkConfig:
     baseline_name: str = field(default="no_kd", metadata={"help": "Name of the no-KD row."})
     baseline_recipe: str | None = field(default=None, metadata={"help": "Recipe of the no-KD row (task loss only)."})
     rows: dict[str, list[str]] = field(default_factory=dict, metadata={"help": "Row name -> recipes run in order."})
+    chain_rows: dict[str, list] = field(
+        default_factory=dict, metadata={"help": "Row name -> stages, each taught by the previous stage's model."}
+    )
     # Rows beyond one teacher and one student (hf_distill.benchmark_rows)
     extra_teacher_seeds: list[int] = field(
         default_factory=list, metadata={"help": "Seeds of more teachers fine-tuned like the teacher (multi-teacher)."}
@@ -271,6 +280,9 @@ class BenchmarkConfig:
         from .benchmark_rows import check_row_kinds
 
         check_row_kinds(self)  # extra_teacher_seeds, mutual_rows, mutual_num_peers
+        from .benchmark_chains import check_chain_rows
+
+        check_chain_rows(self)  # chain_rows (hf_distill.benchmark_chains)
         self._check_rows_and_seeds()
         self._check_general()
         self._check_deploy()
@@ -282,7 +294,7 @@ class BenchmarkConfig:
         from .export import check_opset
 
         listed, variants = self.deploy_rows, self.deploy_variants
-        students = [self.baseline_name, *self.rows]
+        students = [self.baseline_name, *self.rows, *self.chain_rows]
         if isinstance(listed, str) or not isinstance(listed, list) or any(r not in students for r in listed):
             raise ValueError(
                 f"deploy_rows must list student rows of this benchmark ({students}) to export and quantise, got "
@@ -353,7 +365,8 @@ class BenchmarkConfig:
                 continue
             if isinstance(listed, str) or not all(isinstance(r, str) for r in listed):
                 raise ValueError(f"{name} must be a list of row names, got {listed!r}. E.g. {name}: [vanilla_kd].")
-            allowed = set(self.rows) | ({self.baseline_name, *self.mutual_rows} if name == "seed_rows" else set())
+            allowed = set(self.rows) | set(self.chain_rows)
+            allowed |= {self.baseline_name, *self.mutual_rows} if name == "seed_rows" else set()
             unknown = [r for r in listed if r not in allowed]
             if unknown:
                 raise ValueError(
@@ -417,11 +430,14 @@ def read_config_file(path, overrides, cls, path_fields, what: str, is_path: Call
     return config
 
 
-def check_transfer_recipes(config: BenchmarkConfig, resolve: Callable[[str], Path]) -> None:
+def check_transfer_recipes(
+    config: BenchmarkConfig, resolve: Callable[[str], Path], rows: dict[str, list[str]] | None = None
+) -> None:
     """With a transfer set, every stage of a distilled row on it needs a teacher term (see `check_transfer_weights`);
-    the rows of `labelled_only_rows` train on the labelled rows alone, so any recipe serves them."""
+    the rows of `labelled_only_rows` train on the labelled rows alone, so any recipe serves them. `rows`: row name
+    -> recipe files (default `config.rows`)."""
     fields_ = DistillationConfig.__dataclass_fields__
-    for name, recipes in config.rows.items():
+    for name, recipes in (config.rows if rows is None else rows).items():
         if name in config.labelled_only_rows:
             continue
         for path in recipes:

@@ -86,9 +86,15 @@ def _teacher_identity(spec: str, resolved: str) -> dict[str, Any]:
     identity: dict[str, Any] = {"teacher": spec}
     folder = Path(resolved)
     if folder.is_dir():
-        files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
-        identity["files"] = {p.name: _sha256(p) for p in files}
+        identity["files"] = model_files_digest(folder)
     return identity
+
+
+def model_files_digest(folder: str | os.PathLike) -> dict[str, str]:
+    """File name -> SHA-256 of a saved model's config.json and weight files: the model's identity by content (the
+    benchmark's chain rows put their teacher's in each stage's spec too)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
+    return {p.name: _sha256(p) for p in files}
 
 
 def _sha256(path: Path) -> str:
