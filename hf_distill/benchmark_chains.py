@@ -174,6 +174,11 @@ class ChainStages:
                         f"{where}.num_layers={layers}, but its teacher, {teacher}, has {_layers(depth)}: a student "
                         f"cannot be deeper than its teacher. Use num_layers <= {depth}."
                     )
+                if layers > depth and k == 0:
+                    raise ValueError(
+                        f"the benchmark's student ({student} layers) is deeper than its teacher ({depth}). Set "
+                        f"student_num_layers <= {depth}."
+                    )
                 if layers > depth:
                     raise ValueError(
                         f"{where} distils the benchmark's {student}-layer student (student_init) from {teacher}, "

@@ -336,6 +336,12 @@ def test_chain_rows_can_be_seeded_and_labelled_only():
             r"chain_rows.ta\[0\], which has 1 layer: .* Give chain_rows.ta\[0\] num_layers >= 2",
         ),
         (
+            [KD],
+            {"student_num_layers": 5},
+            ValueError,
+            r"the benchmark's student \(5 layers\) is deeper than its teacher \(4\). Set student_num_layers <= 4.",
+        ),
+        (
             [{"recipe": "recipes/missing.yaml", "num_layers": 3}, KD],
             {},
             FileNotFoundError,
