@@ -15,7 +15,14 @@ from conftest import tiny_bert_config
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from hf_distill import benchmark
-from hf_distill.benchmark import STAGE_FILE, Benchmark, load_benchmark_config, recipe_training_args, run_benchmark
+from hf_distill.benchmark import (
+    LOG_HISTORY_FILE,
+    STAGE_FILE,
+    Benchmark,
+    load_benchmark_config,
+    recipe_training_args,
+    run_benchmark,
+)
 from hf_distill.benchmark_rows import mutual_training_args
 from hf_distill.evaluation import predict_logits
 from hf_distill.mutual_config import parse_mutual_args
@@ -183,12 +190,20 @@ def test_multi_teacher_and_mutual_rows_end_to_end(tmp_path, tiny_tokenizer, monk
     config = _tiny_config(tmp_path)
     out = tmp_path / "out"
 
-    teachers_of_row = {}  # stage checkpoints folder -> the teachers its DistillationTrainer distils from
+    teachers_of_row = {}  # row -> the teachers its DistillationTrainer distils from
+    first_forward = {}  # row -> the student's inputs and logits of its first training forward
 
     class Recording(DistillationTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            teachers_of_row[os.path.basename(os.path.dirname(self.args.output_dir.rstrip("/")))] = self.teachers
+            row = os.path.basename(os.path.dirname(self.args.output_dir.rstrip("/")))
+            teachers_of_row[row] = self.teachers
+
+            def hook(module, args, inputs, output):
+                if module.training:
+                    first_forward.setdefault(row, ({k: v.clone() for k, v in inputs.items()}, output.logits.detach()))
+
+            self.model.register_forward_hook(hook, with_kwargs=True)
 
     monkeypatch.setattr(benchmark, "DistillationTrainer", Recording)
     results = run_benchmark(config, REPO)
@@ -215,7 +230,22 @@ def test_multi_teacher_and_mutual_rows_end_to_end(tmp_path, tiny_tokenizer, monk
     assert len(multi) == 2 and len(teachers_of_row["vanilla_kd"]) == 1
     for teacher, reference in zip(multi, (main, extra)):
         assert all(torch.equal(teacher.state_dict()[k], reference[k]) for k in reference)
-    spec = json.loads((out / "rows" / "multi_teacher_seeds" / "1-multi_teacher_seeds" / STAGE_FILE).read_text())
+    # Its logged logit term at step 1 is KL(0.5 p_teacher + 0.5 p_teacher-seed43 || p_student) at T = 2, by hand (in
+    # float64; the trainer's fp32 sum of near-cancelling terms is good to ~1e-3 here), and neither teacher alone's.
+    inputs, student_logits = first_forward["multi_teacher_seeds"]
+    with torch.no_grad():
+        p_teachers = [torch.softmax(t(**inputs).logits.double() / 2.0, -1) for t in multi]
+    log_s = torch.log_softmax(student_logits.double() / 2.0, -1)
+
+    def kl_t2(p):
+        return (4.0 * (p * (p.log() - log_s)).sum(-1).mean()).item()
+
+    multi_dir = out / "rows" / "multi_teacher_seeds" / "1-multi_teacher_seeds"
+    history = json.loads((multi_dir / LOG_HISTORY_FILE).read_text())
+    logged = next(h["loss_logits"] for h in history if h.get("step") == 1 and "loss_logits" in h)
+    assert logged == pytest.approx(kl_t2(0.5 * p_teachers[0] + 0.5 * p_teachers[1]), rel=2e-3)
+    assert all(logged != pytest.approx(kl_t2(p), rel=2e-2) for p in p_teachers)
+    spec = json.loads((multi_dir / STAGE_FILE).read_text())
     assert spec["spec"]["extra_teachers"] == {"teacher-seed43": benchmark.fingerprint(extra_info["spec"])}
     assert "teacher_cache" not in spec["spec"] and spec["spec"]["recipe"]["teacher_weights"] == [0.5, 0.5]
     vanilla_spec = json.loads((out / "rows" / "vanilla_kd" / "1-vanilla_kd" / STAGE_FILE).read_text())["spec"]
@@ -224,7 +254,7 @@ def test_multi_teacher_and_mutual_rows_end_to_end(tmp_path, tiny_tokenizer, monk
     # The DML row: 2 peers for the row budget on the labelled rows; its figures are peer 0's.
     dml_dir = out / "rows" / "dml" / "1-benchmark_dml"
     assert (dml_dir / "peer0" / "config.json").is_file() and (dml_dir / "peer1" / "config.json").is_file()
-    history = json.loads((dml_dir / "log_history.json").read_text())
+    history = json.loads((dml_dir / LOG_HISTORY_FILE).read_text())
     assert {"loss_task_peer0", "loss_mutual_peer0", "loss_task_peer1", "loss_mutual_peer1"} <= set().union(*history)
     dml = rows["dml"]
     assert dml["train_steps"] == rows["no_kd"]["train_steps"] == rows["vanilla_kd"]["train_steps"] == 2
