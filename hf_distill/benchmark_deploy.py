@@ -77,6 +77,7 @@ class DeployStages:
     def deploy_export_stage(self, row: str, variant: str, model_dir, model_spec) -> tuple[Path, dict, dict]:
         """`export_student` of one row's final student for one variant; (export folder, spec, stage info)."""
         from .export import export_student
+        from .quantize import quantizer_settings
 
         c = self.config
         static = variant == "onnx-int8-static"
@@ -87,6 +88,8 @@ class DeployStages:
             "opset": c.deploy_opset,
             "check_rows": DEPLOY_CHECK_ROWS,
             **({"calibration_rows": DEPLOY_CALIBRATION_ROWS} if static else {}),
+            # the quantiser's settings: changing them re-exports instead of reusing an export made with others
+            **({"quantizer": quantizer_settings(variant)} if quantizer_settings(variant) else {}),
         }
 
         def work(tmp: Path) -> dict:

@@ -372,6 +372,7 @@ def export_student(
                 logits = torch_logits(quantize_module.load_torch_int8(staging), batch)
             result.quantized[variant] = {
                 "file": path.name,
+                "settings": quantize_module.quantizer_settings(variant),
                 "max_abs_diff_vs_fp32": max_abs_diff(logits, reference, batch["attention_mask"], task),
             }
         result.sizes = file_sizes(staging)

@@ -82,7 +82,7 @@ def test_format_deploy_table():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(SST2, "train.tsv")), reason="real SST-2 files not found")
-def test_benchmark_deploy_rows_end_to_end(tmp_path, tiny_tokenizer):
+def test_benchmark_deploy_rows_end_to_end(tmp_path, tiny_tokenizer, monkeypatch):
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny_bert_config(num_layers=2, hidden=32))
     teacher.save_pretrained(tmp_path / "teacher")
@@ -154,6 +154,15 @@ def test_benchmark_deploy_rows_end_to_end(tmp_path, tiny_tokenizer):
     assert {s["status"] for s in again["stages"]} == {"reused"}
     assert {p: os.stat(p).st_mtime_ns for p in mtimes} == mtimes
     assert again["deploy"] == results["deploy"]
+
+    # Other quantiser settings are refused on the finished export, not served by it (a stale int8 model).
+    import hf_distill.quantize as quantize_module
+
+    monkeypatch.setitem(quantize_module.DYNAMIC_SETTINGS, "per_channel", False)
+    with pytest.raises(
+        ValueError, match=r"vanilla_kd-onnx-int8 was made with other settings \(differing: \['quantizer'\]\)"
+    ):
+        run_benchmark(config, REPO, command="python scripts/benchmark.py --config tiny.yaml")
 
 
 def _eval_set(results, out):
