@@ -126,15 +126,6 @@ def build_relation_term(
             "relation_pooling='cls' takes each sequence's first token, which in a causal LM has seen only itself. "
             "Set relation_pooling='mean' (the mean over real tokens)."
         )
-    if args.use_teacher_cache:
-        cached = sorted({m.teacher_layer for m in layer_matches if m.feature == "hidden"})
-        if teacher_layer not in cached:
-            raise ValueError(
-                f"relation_weight={args.relation_weight} with use_teacher_cache=True needs the hidden states of "
-                f"teacher layer {teacher_layer} (relation_layer={args.relation_layer!r}), but the cache stores only "
-                f"those of the hidden-matching pairs (hidden_weight > 0, layer_mapping): teacher layers {cached}. Set "
-                "relation_layer to a pair whose teacher layer is among them, or use_teacher_cache=False."
-            )
     return RelationTerm(args.relation_loss, args.relation_pooling, teacher_layer, student_layer)
 
 

@@ -38,7 +38,9 @@ class TeacherDataMixin:
             # The sparse form stores log-probabilities at one temperature, checked against the run's at every step.
             top_k_tail=args.teacher_cache_top_k_tail,
             temperature=args.temperature,
-            hidden_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "hidden"],
+            # the hidden-matching pairs' teacher layers, and the relation term's (`hf_distill.relation_term`)
+            hidden_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "hidden"]
+            + ([self.relation.teacher_layer] if getattr(self, "relation", None) is not None else []),
             attention_layers=[m.teacher_layer for m in self.layer_matches if m.feature == "attention"],
             embeddings=args.embeddings_weight > 0,
             dtype=args.teacher_cache_dtype,

@@ -152,20 +152,31 @@ def test_trains_with_noise_and_schedules_the_teacher_untouched(tmp_path, tiny_to
     assert all(torch.equal(v, before[k]) for k, v in trainer.teacher.state_dict().items())
 
 
-def test_with_the_teacher_cache_the_relation_reads_the_cached_layer(tmp_path, tiny_tokenizer):
-    # The cache holds the hidden states of the hidden-matching pairs' teacher layers: 3->1 covers the default.
-    cached = dict(use_teacher_cache=True, hidden_weight=1.0, layer_mapping="3->1", teacher_cache_dtype="float32")
+@pytest.mark.parametrize(
+    "matching",
+    [
+        dict(hidden_weight=1.0, layer_mapping="3->1"),  # the hidden-matching pair's layer is the relation's
+        dict(hidden_weight=1.0, layer_mapping="1->0"),  # another layer: the cache holds the relation's too
+        dict(logits_weight=0.5),  # no hidden matching at all: the cache holds the relation's layer alone
+    ],
+    ids=["relation layer matched", "other layer matched", "no hidden matching"],
+)
+def test_with_the_teacher_cache_the_relation_reads_the_cached_layer(tmp_path, tiny_tokenizer, matching):
+    cached = dict(use_teacher_cache=True, teacher_cache_dtype="float32", **matching)
     trainer = make_trainer(tmp_path / "cached", tiny_tokenizer, **cached)
-    live = make_trainer(tmp_path / "live", tiny_tokenizer, hidden_weight=1.0, layer_mapping="3->1")
+    live = make_trainer(tmp_path / "live", tiny_tokenizer, **matching)
     rows = [trainer.train_dataset[i] for i in range(8)]
     inputs = trainer.data_collator(rows)
-    assert "teacher_cache_hidden_3" in inputs
+    assert "teacher_cache_hidden_3" in inputs  # the relation's teacher layer (the last of 4)
     trainer.model.eval()
     live.model.eval()
     with torch.no_grad():
         trainer.compute_loss(trainer.model, inputs)
         live.compute_loss(live.model, {k: v for k, v in inputs.items() if not k.startswith("teacher_cache_")})
-    assert logged(trainer)["loss_relation"] == pytest.approx(logged(live)["loss_relation"], rel=1e-4)
+    got, want = logged(trainer), logged(live)  # each call flushes the logged window
+    assert got["loss_relation"] == pytest.approx(want["loss_relation"], rel=1e-4)
+    if "hidden_weight" in matching:
+        assert got["loss_hidden"] == pytest.approx(want["loss_hidden"], rel=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -192,16 +203,6 @@ REFUSALS = [
         "relation layer outside the student",
         lambda p, t: make_trainer(p, t, relation_layer="3->-3"),
         r"names student layer -3, outside the student's layers 0\.\.1",
-    ),
-    (
-        "cached teacher without the relation layer",
-        lambda p, t: make_trainer(p, t, use_teacher_cache=True, hidden_weight=1.0, layer_mapping="1->0"),
-        r"needs the hidden states of teacher layer 3 .* teacher layers \[1\]\. Set relation_layer",
-    ),
-    (
-        "cached teacher with no hidden matching",
-        lambda p, t: make_trainer(p, t, use_teacher_cache=True, logits_weight=0.5),
-        r"use_teacher_cache=True needs the hidden states of teacher layer 3 .* teacher layers \[\]",
     ),
 ]
 
