@@ -4,6 +4,7 @@ their sources load as `DataArguments` says, eval texts never leak in, and the te
 import json
 import logging
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -379,6 +380,9 @@ def captured_specs(monkeypatch, config: BenchmarkConfig) -> dict[str, dict]:
         return range(4000 + (self.config.max_unlabelled_samples if transfer and self.transfer_spec() else 0))
 
     monkeypatch.setattr(benchmark.Benchmark, "train_rows", fake_train_rows)
+    # A folder of its own, not the repository's outputs/: were a stage ever run for real here, it would leave its
+    # checkpoints in the default benchmark's folder, and the README's main command would refuse them later.
+    config.output_dir = tempfile.mkdtemp(prefix="captured-specs-")
     bench = benchmark.Benchmark(config, REPO)
     rows = {config.baseline_name: [config.baseline_recipe], **config.rows}
     for name, recipes in rows.items():
