@@ -51,7 +51,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, set_seed
 
-from .benchmark_config import check_transfer_recipes
+from .benchmark_config import check_transfer_recipes, is_folder_name
 from .benchmark_stages import fingerprint, recipe_training_args, run_trainer_stage
 from .chain import model_files_digest
 from .chain_config import _with_hint
@@ -76,7 +76,7 @@ def check_chain_rows(config) -> None:
         )
     checked = {}
     for name, stages in rows.items():
-        if not name or not str(name).replace("-", "_").isidentifier():
+        if not is_folder_name(name):
             raise ValueError(
                 f"chain row name {name!r} must be a plain folder name like 'ta_chain' (letters, digits, _, -)."
             )

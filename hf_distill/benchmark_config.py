@@ -23,6 +23,11 @@ from .transfer import check_augment, check_unlabelled_source
 INIT_SOURCES = ("teacher", "pretrained")  # the layers `student_init/` is built from
 
 
+def is_folder_name(name) -> bool:
+    """Whether a row name can be a folder of its own: letters, digits, `_` and `-`, not empty."""
+    return bool(name) and str(name).replace("-", "_").isidentifier()
+
+
 # ---------------------------------------------------------------------------------------------------- configuration
 @dataclass
 class BenchmarkConfig:
@@ -271,7 +276,7 @@ class BenchmarkConfig:
             name: [recipes] if isinstance(recipes, str) else list(recipes) for name, recipes in self.rows.items()
         }
         for name, recipes in {self.baseline_name: [self.baseline_recipe], **self.rows}.items():
-            if not name or not str(name).replace("-", "_").isidentifier():
+            if not is_folder_name(name):
                 raise ValueError(f"row name {name!r} must be a plain folder name like 'vanilla_kd' (letters, _, -).")
             if name == "teacher" or (name == self.baseline_name and name in self.rows):
                 raise ValueError(f"row name {name!r} is taken (the teacher and the baseline have their own rows).")

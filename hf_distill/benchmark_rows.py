@@ -37,6 +37,7 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, set_seed
 
+from .benchmark_config import is_folder_name
 from .benchmark_stages import (
     BENCHMARK_OWNED_KEYS,
     METRICS_FILE,
@@ -88,7 +89,7 @@ def check_row_kinds(config) -> None:
         if name in map(extra_teacher_name, seeds):
             raise ValueError(f"row name {name!r} is taken (the teacher fine-tuned under seed {name[12:]}).")
     for name in rows:
-        if not name or not str(name).replace("-", "_").isidentifier():
+        if not is_folder_name(name):
             raise ValueError(f"row name {name!r} must be a plain folder name like 'dml' (letters, _, -).")
         if name in taken:
             raise ValueError(

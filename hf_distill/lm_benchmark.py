@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
-from .benchmark_config import read_config_file
+from .benchmark_config import is_folder_name, read_config_file
 from .benchmark_report import git_state, results_record, write_json_atomic
 from .benchmark_stages import (
     BENCHMARK_OWNED_KEYS,
@@ -130,7 +130,7 @@ class LMBenchmarkConfig:
                 "{forward_kl: recipes/smollm2_to_smollm2-15l/forward_kl.yaml}."
             )
         for name in [self.baseline_name, *self.rows]:
-            if name in ("teacher", "student_init") or not str(name).replace("-", "_").isidentifier():
+            if name in ("teacher", "student_init") or not is_folder_name(name):
                 raise ValueError(f"row name {name!r} must be a plain folder name other than teacher / student_init.")
         if isinstance(self.student_layers, (list, tuple)):
             self.student_layers = ",".join(str(i) for i in self.student_layers)
