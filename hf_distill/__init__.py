@@ -119,7 +119,7 @@ from .noisy_teacher import TeacherNoise, noise_generator, noisy_teacher_logits
 from .placement import prepare_teacher, teacher_placement
 from .recipes import check_recipe_keys, display_path, load_recipe, recipe_root, resolve_recipe_paths
 from .relation_term import RelationTerm, pool_hidden
-from .resume import RunConfigCallback, prepare_output_dir, run_settings
+from .resume import RunConfigCallback, prepare_output_dir, run_settings, setting_defaults
 from .schedules import TermSchedule, TermSchedules, parse_schedules
 from .student import default_student_layers, get_layers, make_student, num_layers
 from .trainer import DistillationTrainer, NonFiniteLossError
@@ -235,6 +235,7 @@ __all__ = [
     "resolve_recipe_paths",
     "row_counts",
     "run_settings",
+    "setting_defaults",
     "skew_kl_loss",
     "skew_reverse_kl_loss",
     "sparse_kl_loss",

@@ -168,13 +168,39 @@ def run_settings(*args_objects, **extra: Any) -> dict[str, Any]:
     return _jsonable(dict(sorted(settings.items())))
 
 
-def diff_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`name: recorded -> current` for every field whose value differs (or that only one side has)."""
+def setting_defaults(*args_objects) -> dict[str, Any]:
+    """The default value (as JSON) of every field of `args_objects`' classes that has one, for `diff_settings`."""
+    defaults: dict[str, Any] = {}
+    for obj in args_objects:
+        for f in dataclasses.fields(obj):
+            if not f.init or f.name in NOT_RUN_SETTINGS or _is_secret(f.name):
+                continue
+            if f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                continue
+            defaults[f.name] = getattr(value, "value", value)  # enums as `to_dict()` writes them
+    return _jsonable(defaults)
+
+
+def diff_settings(
+    recorded: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """`name: recorded -> current` for every field whose value differs (or that only one side has).
+
+    A field that only `current` has and that is at its default in `defaults` is not a difference: it was added to
+    hf-distill after the run was recorded, and a new field's default keeps the behaviour the run had without it
+    (so a run recorded before e.g. `ema_teacher` existed can still be resumed, but not with `ema_teacher=true`).
+    """
     missing = "<not set>"
+    defaults = defaults or {}
     return [
         f"{name}: {recorded.get(name, missing)!r} -> {current.get(name, missing)!r}"
         for name in sorted(set(recorded) | set(current))
         if recorded.get(name, missing) != current.get(name, missing)
+        and not (name not in recorded and name in defaults and current[name] == defaults[name])
     ]
 
 
@@ -243,13 +269,19 @@ def _ways_out(output_dir: str) -> str:
     )
 
 
-def _check_same_run(checkpoint: str, recorded: dict[str, Any] | None, settings: dict[str, Any], output_dir: str):
+def _check_same_run(
+    checkpoint: str,
+    recorded: dict[str, Any] | None,
+    settings: dict[str, Any],
+    output_dir: str,
+    defaults: dict[str, Any] | None = None,
+):
     if recorded is None:
         raise ValueError(
             f"checkpoint {checkpoint} has no readable {RUN_CONFIG_NAME} (neither in it nor next to it), so hf-distill "
             f"cannot check that it is a checkpoint of this run. {_ways_out(output_dir)}"
         )
-    differences = diff_settings(recorded, settings)
+    differences = diff_settings(recorded, settings, defaults)
     if differences:
         raise ValueError(
             f"refusing to resume from {checkpoint}: it was trained with other settings "
@@ -266,6 +298,7 @@ def prepare_output_dir(
     overwrite_output_dir: bool = False,
     resume_from_checkpoint: str | None = None,
     is_main_process: bool = True,
+    defaults: dict[str, Any] | None = None,
 ) -> str | None:
     """Decide whether this run resumes, clean up `output_dir` accordingly and record the run's settings.
 
@@ -280,6 +313,8 @@ def prepare_output_dir(
         resume_from_checkpoint: an explicit checkpoint; its recorded settings are checked the same way.
         is_main_process: only the main process deletes and writes; the others (run after it, e.g. under
             `TrainingArguments.main_process_first`) come to the same decision.
+        defaults: from `setting_defaults`: fields added to hf-distill since the checkpoint was recorded, left at
+            their defaults, do not block resuming it.
 
     Returns:
         The checkpoint to pass to `Trainer.train(resume_from_checkpoint=...)`, or `None` to start from scratch.
@@ -311,9 +346,11 @@ def prepare_output_dir(
                 ": the run was probably killed while saving it). Resume from an earlier checkpoint."
             )
         recorded = read_run_config(checkpoint) or read_run_config(os.path.dirname(os.path.abspath(checkpoint)))
-        _check_same_run(checkpoint, recorded, settings, output_dir)
+        _check_same_run(checkpoint, recorded, settings, output_dir, defaults)
         if found and os.path.abspath(os.path.dirname(os.path.abspath(checkpoint))) != os.path.abspath(output_dir):
-            _check_same_run(found[-1], read_run_config(found[-1]) or read_run_config(output_dir), settings, output_dir)
+            _check_same_run(
+                found[-1], read_run_config(found[-1]) or read_run_config(output_dir), settings, output_dir, defaults
+            )
         if is_main_process:
             write_run_config(output_dir, settings)
         logger.info("resuming from %s (same settings)", checkpoint)
@@ -329,7 +366,7 @@ def prepare_output_dir(
     if found:
         # Checked before anything is deleted: a different run's folder is left exactly as it was.
         last = complete[-1] if complete else found[-1]
-        _check_same_run(last, read_run_config(last) or read_run_config(output_dir), settings, output_dir)
+        _check_same_run(last, read_run_config(last) or read_run_config(output_dir), settings, output_dir, defaults)
     incomplete = [path for path in found if path not in complete]
     if incomplete and is_main_process:
         logger.warning("deleting incomplete checkpoint(s) (killed while saving?): %s", ", ".join(incomplete))

@@ -51,7 +51,7 @@ from .data import (
 )
 from .evaluation import classification_metrics
 from .models import check_max_length, load_or_make_student, load_teacher
-from .resume import diff_settings, run_settings
+from .resume import diff_settings, run_settings, setting_defaults
 from .trainer import DistillationTrainer, NonFiniteLossError
 from .tune_config import (
     DEFAULT_VALIDATION_FRACTION,
@@ -280,7 +280,9 @@ def tune_distillation(
         for params in enqueue or []:
             study.enqueue_trial(params)
     elif recorded != settings:
-        changed = diff_settings(_flat(recorded), _flat(settings))
+        changed = diff_settings(
+            _flat(recorded), _flat(settings), setting_defaults(model_args, train_only(data_args), training_args)
+        )
         raise ValueError(
             f"the study {tune.study_name!r} in {storage} was run with other settings ({'; '.join(changed)}). Rerun "
             "with the same settings to continue it, or set another tune_dir (or study_name) to start a new study."

@@ -29,6 +29,7 @@ from hf_distill import (
     push_student,
     run_settings,
     save_student_from_trainer,
+    setting_defaults,
     student_card,
     tokenize_dataset,
 )
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None):
             overwrite_output_dir=run_args.overwrite_output_dir,
             resume_from_checkpoint=training_args.resume_from_checkpoint,
             is_main_process=training_args.should_save,
+            defaults=setting_defaults(model_args, data_args, training_args),
         )
 
     # ------------------------------------------------------------------ models

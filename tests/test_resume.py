@@ -14,8 +14,15 @@ from conftest import script_env, tiny_bert_config, write_tiny_tsv
 from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
-from hf_distill import DataArguments, DistillationConfig, ModelArguments, prepare_output_dir, run_settings
-from hf_distill.resume import RUN_CONFIG_NAME, is_complete_checkpoint, write_run_config
+from hf_distill import (
+    DataArguments,
+    DistillationConfig,
+    ModelArguments,
+    prepare_output_dir,
+    run_settings,
+    setting_defaults,
+)
+from hf_distill.resume import RUN_CONFIG_NAME, diff_settings, is_complete_checkpoint, write_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "distill.py")
@@ -325,3 +332,26 @@ def test_local_model_paths_of_the_settings_are_absolute(tmp_path, monkeypatch):
     )
     assert settings["teacher_model_name_or_path"] == str(tmp_path / "teacher")
     assert settings["teacher_adapter_name_or_path"] == str(tmp_path / "adapter")
+
+
+def test_a_field_added_since_the_checkpoint_blocks_resuming_only_when_it_is_not_at_its_default(tmp_path):
+    """A checkpoint recorded before a field existed (here: `ema_teacher`, `ema_decay`) resumes when this run leaves
+    the field at its default (the behaviour the run had without it), and is refused when this run sets it."""
+    objects = (
+        ModelArguments(teacher_model_name_or_path="t"),
+        DataArguments(train_file="train.tsv"),
+        DistillationConfig(output_dir="unused", report_to="none"),
+    )
+    defaults = setting_defaults(*objects)
+    assert defaults["ema_teacher"] is False and defaults["temperature"] == 2.0 and "output_dir" not in defaults
+    assert defaults["lr_scheduler_type"] == "linear"  # enums as the settings record them
+    old = {k: v for k, v in settings_of().items() if not k.startswith("ema_")}
+    fake_checkpoint(tmp_path, 2, old)
+    assert prepare_output_dir(str(tmp_path), settings_of(), defaults=defaults) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"ema_teacher: '<not set>' -> True"):
+        prepare_output_dir(str(tmp_path), settings_of(ema_teacher=True), defaults=defaults)
+    # Without the defaults every new field counts as a difference (the safe side).
+    with pytest.raises(ValueError, match=r"ema_decay: '<not set>' -> 0.999"):
+        prepare_output_dir(str(tmp_path), settings_of())
+    # A field the checkpoint has and this run does not is still a difference.
+    assert diff_settings({**old, "gone": 1}, old, defaults) == ["gone: 1 -> '<not set>'"]
