@@ -279,10 +279,9 @@ def tune_distillation(
             study.enqueue_trial(base, user_attrs={"recipe_values": True})
         for params in enqueue or []:
             study.enqueue_trial(params)
-    elif recorded != settings:
-        changed = diff_settings(
-            _flat(recorded), _flat(settings), setting_defaults(model_args, train_only(data_args), training_args)
-        )
+    elif changed := diff_settings(
+        _flat(recorded), _flat(settings), setting_defaults(model_args, train_only(data_args), training_args)
+    ):
         raise ValueError(
             f"the study {tune.study_name!r} in {storage} was run with other settings ({'; '.join(changed)}). Rerun "
             "with the same settings to continue it, or set another tune_dir (or study_name) to start a new study."

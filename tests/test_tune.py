@@ -298,6 +298,19 @@ def test_a_rerun_with_other_settings_is_refused(workdir, tmp_path):
         run(workdir, tmp_path, *FAST, "--n_trials", "2", "--max_steps", "3")
 
 
+def test_a_study_recorded_before_a_field_existed_continues_while_the_field_is_at_its_default(workdir, tmp_path):
+    import optuna
+
+    run(workdir, tmp_path, *FAST, "--n_trials", "1")
+    study = optuna.load_study(study_name="hf-distill", storage=f"sqlite:///{tmp_path / 'tune' / 'study.db'}")
+    recorded = study.user_attrs["settings"]
+    recorded["run"] = {k: v for k, v in recorded["run"].items() if not k.startswith("ema_")}  # an older hf-distill
+    study.set_user_attr("settings", recorded)
+    assert len(complete(run(workdir, tmp_path, *FAST, "--n_trials", "2"))) == 2
+    with pytest.raises(ValueError, match=r"other settings \(ema_decay: '<not set>' -> 0.99\)"):
+        run(workdir, tmp_path, *FAST, "--n_trials", "3", "--ema_decay", "0.99")
+
+
 # ------------------------------------------------------------------------------------------------ determinism
 def test_the_same_sampler_seed_gives_the_same_trials(workdir, tmp_path):
     flags = ["--validation_samples", "8", "--n_trials", "2"]
