@@ -77,6 +77,10 @@ class LMBenchmarkConfig:
         baseline_name (`str`, defaults to `"lm_finetune"`), baseline_recipe (`str`): the plain LM fine-tuning row
             (task loss only).
         rows (`dict[str, str]`): row name -> recipe (DistillationConfig and optimizer keys).
+        prompt_tokens (`int`, *optional*): for on-policy rows (a recipe with `lmbda > 0` or `seq_kd`, see
+            `hf_distill.on_policy`): the first `prompt_tokens` tokens of each training block are its prompt (label
+            -100) and the rest its completion, which such a row's student (or teacher) replaces by its own. Required
+            when a row is on-policy; the other rows train on whole blocks, as without it.
         eval_batch_size (`int`, defaults to 8), logging_steps (`int`, defaults to 5), save_steps (`int`, defaults to
             25), results_file (`str`, *optional*, e.g. `benchmarks/results/{name}.json`).
     """
@@ -101,6 +105,7 @@ class LMBenchmarkConfig:
     baseline_name: str = "lm_finetune"
     baseline_recipe: str | None = None
     rows: dict[str, str] = field(default_factory=dict)
+    prompt_tokens: int | None = None
     eval_batch_size: int = 8
     logging_steps: int = 5
     save_steps: int = 25
@@ -128,6 +133,14 @@ class LMBenchmarkConfig:
             raise ValueError(
                 f"rows must map row names to one recipe file each, got {self.rows!r}. E.g. rows: "
                 "{forward_kl: recipes/smollm2_to_smollm2-15l/forward_kl.yaml}."
+            )
+        if self.prompt_tokens is not None and (
+            isinstance(self.prompt_tokens, bool) or not isinstance(self.prompt_tokens, int)
+            or not 1 <= self.prompt_tokens < self.block_size
+        ):  # fmt: skip
+            raise ValueError(
+                f"prompt_tokens must be an int in [1, block_size - 1] = [1, {self.block_size - 1}], got "
+                f"{self.prompt_tokens!r}: the prompt an on-policy row's completions continue, e.g. 32."
             )
         for name in [self.baseline_name, *self.rows]:
             if name in ("teacher", "student_init") or not is_folder_name(name):
@@ -236,6 +249,16 @@ class LMBenchmark:
             "gradient_accumulation_steps": c.gradient_accumulation_steps,
             **self._data_spec(),
         }
+        train = self.blocks["train"]
+        if training.get("lmbda", 0) > 0 or training.get("seq_kd"):
+            if c.prompt_tokens is None:
+                raise ValueError(
+                    f"row {name!r} is on-policy (its recipe {recipe_path} sets lmbda / seq_kd), which continues each "
+                    "training block's prompt, but prompt_tokens is not set. Set prompt_tokens in the benchmark "
+                    f"config (e.g. 32 of block_size={c.block_size}: the completion is the rest)."
+                )
+            spec["prompt_tokens"] = c.prompt_tokens  # only here: the other rows' specs do not change with it
+            train = prompted_blocks(train, c.prompt_tokens)
         stage_dir = self.out / "rows" / name
 
         def make_trainer(output_dir: str) -> DistillationTrainer:
@@ -249,7 +272,7 @@ class LMBenchmark:
                 report_to="none", disable_tqdm=False, **training,
             )  # fmt: skip
             return DistillationTrainer(
-                model=student, teacher_model=self.teacher, args=args, train_dataset=self.blocks["train"],
+                model=student, teacher_model=self.teacher, args=args, train_dataset=train,
                 processing_class=self.tokenizer, data_collator=default_data_collator,
             )  # fmt: skip
 
@@ -309,6 +332,16 @@ class LMBenchmark:
         (self.out / "results.md").write_text(f"# LM benchmark `{c.name}`\n\n{format_lm_table(results_rows)}\n")
         results["paths"] = {"results_json": str(self.out / "results.json"), "results_md": str(self.out / "results.md")}
         return results
+
+
+def prompted_blocks(blocks, prompt_tokens: int):
+    """`blocks` with the labels of each block's first `prompt_tokens` positions set to -100: a prompt to continue,
+    and a completion of the other positions (the data of an on-policy row)."""
+
+    def mask(batch):
+        return {"labels": [[-100] * prompt_tokens + ids[prompt_tokens:] for ids in batch["labels"]]}
+
+    return blocks.map(mask, batched=True, desc=f"prompts of {prompt_tokens} tokens")
 
 
 def format_lm_table(rows: list[dict[str, Any]]) -> str:

@@ -13,8 +13,15 @@ from conftest import WORDS
 from test_trainer_lm import causal_lm
 from transformers import AutoModelForCausalLM
 
+import hf_distill.on_policy
 from hf_distill.benchmark_report import record_table
-from hf_distill.lm_benchmark import LMBenchmarkConfig, format_lm_table, perplexity, run_lm_benchmark
+from hf_distill.lm_benchmark import (
+    LMBenchmarkConfig,
+    format_lm_table,
+    perplexity,
+    prompted_blocks,
+    run_lm_benchmark,
+)
 from hf_distill.lm_data import load_documents, split_documents, token_blocks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,10 +152,49 @@ def test_the_benchmark_script_runs_a_kind_lm_config(lm_bench, monkeypatch):
     assert results["kind"] == "lm" and [r["name"] for r in results["rows"]][-1] == "lm_finetune"
 
 
+def test_an_on_policy_row_continues_prompts_of_prompt_tokens_and_leaves_the_other_rows_alone(lm_bench, lm_tokenizer):
+    tmp_path, values = lm_bench
+    blocks = token_blocks(documents(30), lm_tokenizer, block_size=8)
+    masked = prompted_blocks(blocks, 3)
+    assert masked["input_ids"] == blocks["input_ids"]
+    assert all(m[:3] == [-100] * 3 and m[3:] == b[3:] for m, b in zip(masked["labels"], blocks["input_ids"]))
+
+    on_policy = {"task_weight": 0.0, "logits_weight": 1.0, "logits_loss": "generalized_jsd", "temperature": 1.0,
+                 "learning_rate": 1e-3, "lmbda": 1.0, "max_new_tokens": 4}  # fmt: skip
+    (tmp_path / "gkd.yaml").write_text(yaml.safe_dump(on_policy))
+    plain = {**values, "rows": {"forward_kl": str(tmp_path / "forward_kl.yaml")}, "results_file": None}
+    run_lm_benchmark(LMBenchmarkConfig(**plain), root=REPO)
+    # Refused before any training when the row has no prompts to continue.
+    rows = {**plain["rows"], "gkd": str(tmp_path / "gkd.yaml")}
+    with pytest.raises(ValueError, match=r"row 'gkd' is on-policy .* but prompt_tokens is not set"):
+        run_lm_benchmark(LMBenchmarkConfig(**{**plain, "rows": rows}), root=REPO)
+    assert not (tmp_path / "out" / "rows" / "gkd").exists()
+
+    seen = []
+    original = hf_distill.on_policy.split_prompts
+
+    def spy(input_ids, attention_mask, labels):
+        seen.append(labels.clone())
+        return original(input_ids, attention_mask, labels)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_distill.on_policy, "split_prompts", spy)
+        results = run_lm_benchmark(LMBenchmarkConfig(**{**plain, "rows": rows, "prompt_tokens": 5}), root=REPO)
+    statuses = {s["path"].split("out/")[-1]: s["status"] for s in results["stages"]}
+    assert statuses["rows/forward_kl"] == "reused" and statuses["rows/lm_finetune"] == "reused"  # specs unchanged
+    assert statuses["rows/gkd"] != "reused" and {r["name"]: r for r in results["rows"]}["gkd"]["train_steps"] == 3
+    # Every on-policy batch the student continued (3 steps of 4 blocks; the trainer's up-front check of the first
+    # rows comes one row at a time) had exactly the first 5 tokens of each block as its prompt.
+    batches = [labels for labels in seen if labels.shape[0] == 4]
+    assert len(batches) == 3 and all((lab[:, :5] == -100).all() and (lab[:, 5:] != -100).all() for lab in batches)
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
         (dict(kind="classification"), r"kind must be 'lm'"),
+        (dict(prompt_tokens=16), r"prompt_tokens must be an int in \[1, block_size - 1\] = \[1, 15\], got 16"),
+        (dict(prompt_tokens=0), r"prompt_tokens must be an int in \[1, block_size - 1\]"),
         (dict(max_steps=None), r"max_steps is required"),
         (dict(eval_fraction=None), r"set exactly one of eval_source .* and eval_fraction"),
         (dict(eval_source="other.txt"), r"set exactly one of eval_source"),
