@@ -1,4 +1,6 @@
-"""Configuration: `DistillationConfig(TrainingArguments)` (the distillation objective and its checks) and `LayerMatch`.
+"""Configuration: `DistillationConfig(TrainingArguments)`, the distillation objective; its checks run in
+`__post_init__` (most of them in `hf_distill.config_checks` and the modules of the terms they configure).
+`LayerMatch` and `parse_layer_mapping` (from `hf_distill.layer_match`) are re-exported here.
 
 The scripts' other arguments (`ModelArguments`, `DataArguments`, `RunArguments`) are in `hf_distill.arguments`, and
 reading recipes (`load_recipe`, `check_recipe_keys`, ...) in `hf_distill.recipes`.
@@ -10,8 +12,17 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .config_checks import TEACHER_CACHE_DTYPES, check_lm_distillation, check_teacher_cache
+from .config_checks import (
+    DISTILL_ON,
+    LOSS_WEIGHT_FIELDS,
+    TEACHER_CACHE_DTYPES,
+    TEACHER_DTYPES,
+    check_lm_distillation,
+    check_objective,
+    check_teacher_cache,
+)
 from .ema_teacher import check_ema_args
+from .layer_match import LAYER_MAPPING_STRATEGIES, LayerMatch, parse_layer_mapping
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
 from .losses.relations import RELATION_LOSSES
 from .minilm_term import check_minilm_args
@@ -21,18 +32,18 @@ from .on_policy import check_on_policy_args
 from .relation_term import RELATION_POOLINGS, check_relation_args
 from .schedules import parse_schedules
 
-LOSS_WEIGHT_FIELDS = (
-    "task_weight",
-    "logits_weight",
-    "hidden_weight",
-    "embeddings_weight",
-    "attention_weight",
-    "relation_weight",
-    "minilm_weight",
-)
-LAYER_MAPPING_STRATEGIES = ("alternate", "uniform", "last")
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
-DISTILL_ON = ("labels", "all_tokens")
+__all__ = [
+    "DISTILL_ON",
+    "LOGIT_LOSS_PARAMETERS",
+    "PROBLEM_TYPES",
+    "LAYER_MAPPING_STRATEGIES",
+    "LOSS_WEIGHT_FIELDS",
+    "TEACHER_DTYPES",
+    "DistillationConfig",
+    "LayerMatch",
+    "parse_layer_mapping",
+]
+
 # The values of `PretrainedConfig.problem_type`; `DataArguments.problem_type` picks one (None: from the labels).
 PROBLEM_TYPES = ("single_label_classification", "regression", "multi_label_classification")
 # The logit losses that take a parameter of their own: loss -> (its keyword, the DistillationConfig field giving it).
@@ -41,30 +52,6 @@ LOGIT_LOSS_PARAMETERS = {
     "skew_kl": ("alpha", "skew_alpha"),
     "skew_reverse_kl": ("alpha", "skew_alpha"),
 }
-
-
-@dataclass(frozen=True)
-class LayerMatch:
-    """One pairing of a teacher layer with a student layer for an intermediate-feature loss.
-
-    Args:
-        teacher_layer: 0-based index of the teacher's transformer block.
-        student_layer: 0-based index of the student's transformer block.
-        feature: `"hidden"` (the block's output hidden states) or `"attention"` (its attention probabilities).
-        loss: name of the loss, a key of `HIDDEN_LOSSES` or `ATTENTION_LOSSES`.
-        weight: relative weight of this pairing inside its term (the term averages its pairings by these weights).
-    """
-
-    teacher_layer: int
-    student_layer: int
-    feature: str
-    loss: str
-    weight: float = 1.0
-
-    @property
-    def key(self) -> str:
-        """Name used for this pairing's projection and in logs, e.g. `hidden_t7_s3`."""
-        return f"{self.feature}_t{self.teacher_layer}_s{self.student_layer}"
 
 
 @dataclass
@@ -489,39 +476,7 @@ class DistillationConfig(TrainingArguments):
         if self.label_names is None:
             self.label_names = ["labels"]
         super().__post_init__()
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-            # TrainingArguments accepts 0; evaluation would then fail only after training, past the checkpoints.
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}. Use e.g. 8.")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}. Use e.g. 2.0.")
-        for name in LOSS_WEIGHT_FIELDS:
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}. Set it to 0 to switch the term off.")
-        if all(getattr(self, name) == 0 for name in LOSS_WEIGHT_FIELDS):
-            raise ValueError(
-                f"all loss weights are 0 ({', '.join(LOSS_WEIGHT_FIELDS)}): nothing to train. "
-                "Set e.g. task_weight=0.5 and logits_weight=0.5."
-            )
-        for name, table in (
-            ("logits_loss", KD_LOGIT_LOSSES),
-            ("hidden_loss", HIDDEN_LOSSES),
-            ("attention_loss", ATTENTION_LOSSES),
-        ):
-            value = getattr(self, name)
-            if value not in table:
-                raise ValueError(f"{name} must be one of {sorted(table)}, got {value!r}.")
-        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(
-                f"teacher_dtype must be one of {TEACHER_DTYPES} or None, got {self.teacher_dtype!r}. "
-                "Use 'bfloat16' to halve the teacher's memory on GPUs that support it."
-            )
-        if self.distill_on not in DISTILL_ON:
-            raise ValueError(
-                f"distill_on must be one of {DISTILL_ON}, got {self.distill_on!r}. Use 'labels' to score the labelled "
-                "positions only, or 'all_tokens' for every real token."
-            )
+        check_objective(self)  # batch sizes, temperature, the loss weights and names, teacher_dtype, distill_on
         parse_layer_mapping(self.layer_mapping)  # syntax check; ranges are checked against the models later
         check_lm_distillation(self)  # jsd_beta, skew_alpha, logits_chunk_size, fused_lm_head
         check_teacher_cache(self)  # teacher_cache_* (top-k, dtype, top-k + tail, what the cache can serve)
@@ -544,20 +499,3 @@ class DistillationConfig(TrainingArguments):
     @property
     def needs_layer_mapping(self) -> bool:
         return self.hidden_weight > 0 or self.attention_weight > 0
-
-
-def parse_layer_mapping(value: str) -> str | list[tuple[int, int]]:
-    """Parse `layer_mapping`: a strategy name, or explicit `teacher->student` pairs, into a name or a pair list."""
-    if value in LAYER_MAPPING_STRATEGIES:
-        return value
-    pairs = []
-    for item in str(value).replace(" ", "").split(","):
-        sep = "->" if "->" in item else ":"
-        parts = item.split(sep)
-        if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-            raise ValueError(
-                f"layer_mapping must be one of {LAYER_MAPPING_STRATEGIES} or teacher->student pairs like "
-                f"'1->0,3->1', got {value!r} (could not read {item!r})."
-            )
-        pairs.append((int(parts[0]), int(parts[1])))
-    return pairs

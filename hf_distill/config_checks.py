@@ -3,9 +3,57 @@
 
 from __future__ import annotations
 
-from .losses import FUSED_DIVERGENCES
+from .losses import ATTENTION_LOSSES, FUSED_DIVERGENCES, HIDDEN_LOSSES, KD_LOGIT_LOSSES
 
 TEACHER_CACHE_DTYPES = ("float16", "float32")
+LOSS_WEIGHT_FIELDS = (
+    "task_weight",
+    "logits_weight",
+    "hidden_weight",
+    "embeddings_weight",
+    "attention_weight",
+    "relation_weight",
+    "minilm_weight",
+)
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DISTILL_ON = ("labels", "all_tokens")
+
+
+def check_objective(args) -> None:
+    """Batch sizes, temperature, the loss weights (>= 0, not all 0) and loss names, teacher_dtype and distill_on."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        # TrainingArguments accepts 0; evaluation would then fail only after training, past the checkpoints.
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}. Use e.g. 8.")
+    if not args.temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {args.temperature}. Use e.g. 2.0.")
+    for name in LOSS_WEIGHT_FIELDS:
+        value = getattr(args, name)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}. Set it to 0 to switch the term off.")
+    if all(getattr(args, name) == 0 for name in LOSS_WEIGHT_FIELDS):
+        raise ValueError(
+            f"all loss weights are 0 ({', '.join(LOSS_WEIGHT_FIELDS)}): nothing to train. "
+            "Set e.g. task_weight=0.5 and logits_weight=0.5."
+        )
+    for name, table in (
+        ("logits_loss", KD_LOGIT_LOSSES),
+        ("hidden_loss", HIDDEN_LOSSES),
+        ("attention_loss", ATTENTION_LOSSES),
+    ):
+        value = getattr(args, name)
+        if value not in table:
+            raise ValueError(f"{name} must be one of {sorted(table)}, got {value!r}.")
+    if args.teacher_dtype is not None and args.teacher_dtype not in TEACHER_DTYPES:
+        raise ValueError(
+            f"teacher_dtype must be one of {TEACHER_DTYPES} or None, got {args.teacher_dtype!r}. "
+            "Use 'bfloat16' to halve the teacher's memory on GPUs that support it."
+        )
+    if args.distill_on not in DISTILL_ON:
+        raise ValueError(
+            f"distill_on must be one of {DISTILL_ON}, got {args.distill_on!r}. Use 'labels' to score the labelled "
+            "positions only, or 'all_tokens' for every real token."
+        )
 
 
 def check_lm_distillation(args) -> None:
