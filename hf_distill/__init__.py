@@ -133,7 +133,8 @@ from .chain import ChainConfig, ChainStage, load_chain_config, run_chain
 from .lm_benchmark import LMBenchmarkConfig, format_lm_table, load_lm_benchmark_config, perplexity, run_lm_benchmark
 from .lm_data import load_documents, split_documents, token_blocks
 from .on_policy import OnPolicyMixin, completion_batch, completion_source, generate_completions, split_prompts
-from .peft_setup import apply_lora, lora_config, merge_teacher_adapter, read_teacher_adapter
+from .peft_setup import apply_lora, lora_config
+from .peft_teacher import merge_teacher_adapter, read_teacher_adapter
 
 __all__ = [
     "BenchmarkConfig",

@@ -22,7 +22,8 @@ from transformers import (
 from transformers.models.auto import modeling_auto
 
 from .arguments import ModelArguments
-from .peft_setup import apply_lora, head_modules, merge_teacher_adapter, read_teacher_adapter
+from .peft_setup import apply_lora, head_modules
+from .peft_teacher import merge_teacher_adapter, read_teacher_adapter
 from .recipes import looks_local
 from .student import make_student
 
@@ -120,7 +121,7 @@ def load_teacher(model_args: ModelArguments, num_labels: int | None = None):
 
         With `teacher_adapter_name_or_path`, the adapter is checked against the teacher (`adapter_config.json`'s base
         model and task, safetensors weights) before any weight is loaded, then loaded on the teacher and merged (see
-        `hf_distill.peft_setup.merge_teacher_adapter`); its `modules_to_save` may supply the trained head.
+        `hf_distill.peft_teacher.merge_teacher_adapter`); its `modules_to_save` may supply the trained head.
 
     Returns:
         `(teacher, tokenizer)`.
