@@ -51,6 +51,7 @@ from .mutual_config import MutualLearningConfig, PeerArguments
 from .preflight import forward_arg_names
 from .tasks import MULTI_LABEL, REGRESSION, SINGLE_LABEL, is_peft_model, is_sequence_classifier
 from .term_metrics import NonFiniteLossGuard, TermMetrics
+from .trainer_counts import ddp_loss_scale, gather_counts, window_counts
 from .trainer_logging import TermLoggingMixin
 
 __all__ = [
@@ -335,9 +336,7 @@ class MutualLearningTrainer(TermLoggingMixin, Trainer):
             labels = batch.get("labels")
             if labels is not None:
                 counts[LABELS] += labels.ne(-100).sum().to(device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            counts = self.accelerator.gather(counts).view(-1, NUM_COUNTS).sum(0)
-        return counts
+        return gather_counts(self, counts, NUM_COUNTS)
 
     # ---------------------------------------------------------------- the loss
     def compute_loss(
@@ -349,14 +348,8 @@ class MutualLearningTrainer(TermLoggingMixin, Trainer):
     ):
         args = self.args
         labels = inputs.get("labels")
-        counts = (
-            num_items_in_batch
-            if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == NUM_COUNTS
-            else None
-        )
-        # Under DDP gradients are averaged over processes; terms normalised by counts summed over all processes are
-        # scaled back up by their number (as Trainer.compute_loss does).
-        scale = self.accelerator.num_processes if counts is not None and args.average_tokens_across_devices else 1
+        counts = window_counts(num_items_in_batch, NUM_COUNTS)
+        scale = ddp_loss_scale(self, counts)  # DDP averages gradients; the counts are summed over the processes
         if labels is not None and labels.is_floating_point():
             raise ValueError(
                 f"the labels are floats ({labels.dtype}: regression or multi-label), but mutual learning compares the "

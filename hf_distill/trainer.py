@@ -26,7 +26,7 @@ from .logit_term import (
     no_positions,
 )
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, KD_LOGIT_LOSSES, MULTI_LABEL_LOGIT_LOSSES
-from .losses.task import labelled_float_rows, task_loss
+from .losses.task import task_loss
 from .minilm_term import build_minilm_term, capture_qkv, minilm_term
 from .multi_teacher import MultiTeacherMixin, split_teachers
 from .noisy_teacher import TeacherNoise
@@ -46,14 +46,21 @@ from .schedules import TermSchedules, parse_schedules
 from .student import num_layers
 from .tasks import (
     MULTI_LABEL,
-    REGRESSION,
-    distill_positions,
     is_causal_lm,
     is_sequence_classifier,
-    problem_type_of_labels,
     resolve_problem_type,
 )
 from .term_metrics import NonFiniteLossError, NonFiniteLossGuard, TermMetrics
+from .trainer_counts import (
+    KD_POSITIONS,
+    LABELS,
+    NUM_COUNTS,
+    ROWS,
+    TOKENS,
+    WindowCountsMixin,
+    ddp_loss_scale,
+    window_counts,
+)
 from .trainer_data import TeacherDataMixin
 from .trainer_logging import TermLoggingMixin
 from .trainer_projections import ProjectionsMixin
@@ -62,15 +69,18 @@ from .trainer_search import SearchRunsMixin
 logger = logging.get_logger(__name__)
 
 TERMS = ("task", "logits", "hidden", "embeddings", "attention", "relation", "minilm")
-# Index of each count in the tensor `_get_num_items_in_batch` returns for a gradient-accumulation window: rows,
-# labelled items (rows for regression / multi-label), real tokens, and the positions the token-level logit term
-# scores (see `DistillationConfig.distill_on`).
-ROWS, LABELS, TOKENS, KD_POSITIONS = 0, 1, 2, 3
-NUM_COUNTS = 4
-__all__ = ["PROJECTIONS_NAME", "SAMPLE_TEXTS", "DistillationTrainer", "NonFiniteLossError", "forward_arg_names"]
+__all__ = [
+    "KD_POSITIONS",
+    "PROJECTIONS_NAME",
+    "SAMPLE_TEXTS",
+    "DistillationTrainer",
+    "NonFiniteLossError",
+    "forward_arg_names",
+]
 
 
 class DistillationTrainer(
+    WindowCountsMixin,
     OnPolicyMixin,
     ProjectionsMixin,
     EMATeacherMixin,
@@ -266,57 +276,6 @@ class DistillationTrainer(
         self._built_terms = {t for t in TERMS if t != "task" and getattr(args, f"{t}_weight") > 0}
         self._student_shape = (type(model), num_layers(model), hidden_size(model.config))
 
-    # ---------------------------------------------------------------- data plumbing
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Counts over the whole gradient-accumulation window: rows, labelled items, real tokens, scored positions.
-
-        Every term divides its sum by the matching count, so the micro-batch losses add up to the exact window mean
-        (and, with `average_tokens_across_devices`, the exact mean over all processes). The counts are the very ones
-        `compute_loss` uses (`_label_count`, `_logit_positions`), summed on the device without a host sync.
-        """
-        if not batch_samples:
-            return None
-        counts = torch.zeros(NUM_COUNTS, dtype=torch.long, device=device)
-        for batch in batch_samples:
-            input_ids = batch["input_ids"]
-            mask = batch.get("attention_mask")
-            labels = batch.get("labels")
-            counts[ROWS] += input_ids.shape[0]
-            counts[TOKENS] += mask.sum().to(device) if mask is not None else input_ids.numel()
-            if labels is not None:
-                counts[LABELS] += self._label_count(labels).to(device)
-            positions = self._logit_positions(labels, mask)
-            if self._sequence_level:
-                counts[KD_POSITIONS] += input_ids.shape[0]
-            else:
-                counts[KD_POSITIONS] += positions.sum().to(device) if positions is not None else input_ids.numel()
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            counts = self.accelerator.gather(counts).view(-1, NUM_COUNTS).sum(0)
-        return counts
-
-    def _problem_type(self, labels: torch.Tensor | None) -> str | None:
-        """The head's problem type for this batch (None for token-level students)."""
-        if not self._sequence_level:
-            return None
-        if self.problem_type is not None or labels is None:
-            return self.problem_type
-        return problem_type_of_labels(labels, self.model.config.num_labels)
-
-    def _label_count(self, labels: torch.Tensor) -> torch.Tensor:
-        """Items the task loss scores: labelled (not NaN) rows for regression / multi-label, else labels != -100
-        (shifted for LMs)."""
-        if labels.is_floating_point():
-            return labelled_float_rows(labels).sum()
-        if self._problem_type(labels) in (REGRESSION, MULTI_LABEL):
-            return torch.tensor(labels.shape[0], device=labels.device)
-        return (labels[..., 1:] if self._shift_labels else labels).ne(-100).sum()
-
-    def _logit_positions(self, labels: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """`(B, L)` positions the token-level logit term scores (see `DistillationConfig.distill_on`)."""
-        if self._sequence_level:
-            return None
-        return distill_positions(labels, mask, distill_on=self.args.distill_on, shift_labels=self._shift_labels)
-
     # ---------------------------------------------------------------- the loss
     def compute_loss(
         self,
@@ -328,14 +287,8 @@ class DistillationTrainer(
         args = self.args
         labels = inputs.get("labels")
         mask = inputs.get("attention_mask")
-        counts = (
-            num_items_in_batch
-            if torch.is_tensor(num_items_in_batch) and num_items_in_batch.numel() == NUM_COUNTS
-            else None
-        )
-        # Under DDP gradients are averaged over processes; a loss normalised by counts summed over all processes
-        # must be scaled back up by their number (as Trainer.compute_loss does).
-        scale = self.accelerator.num_processes if counts is not None and args.average_tokens_across_devices else 1
+        counts = window_counts(num_items_in_batch, NUM_COUNTS)
+        scale = ddp_loss_scale(self, counts)
 
         hidden = [m for m in self.layer_matches if m.feature == "hidden"]
         attention = [m for m in self.layer_matches if m.feature == "attention"]
