@@ -201,7 +201,7 @@ def loss_terms(args: Any) -> list[tuple[str, float, str]]:
     described = {
         "task": "task loss on the labels",
         "logits": f"{getattr(args, 'logits_loss', None)}{_divergence_parameter(args)} at temperature "
-        f"{getattr(args, 'temperature', None)} between teacher and student logits ([Hinton et al. 2015]({KD_PAPER}))"
+        f"{_configured(args, 'temperature')} between teacher and student logits ([Hinton et al. 2015]({KD_PAPER}))"
         f"{_sparse_teacher(args)}{_fused(args)}",
         "hidden": f"{getattr(args, 'hidden_loss', None)} between hidden states, {mapping}",
         "embeddings": f"{getattr(args, 'hidden_loss', None)} between embedding outputs",
@@ -228,12 +228,31 @@ def loss_terms(args: Any) -> list[tuple[str, float, str]]:
     schedules = getattr(args, "schedules", None) or []
     terms = []
     for term, what in described.items():
-        weight = getattr(args, f"{term}_weight", 0) or 0
+        weight = _configured(args, f"{term}_weight") or 0
         if weight > 0:
             fields_ = (f"{term}_weight", "temperature") if term == "logits" else (f"{term}_weight",)
-            scheduled = [str(s) for s in schedules if _scheduled_field(s) in fields_]
+            scheduled = [_describe_schedule(s) for s in schedules if _scheduled_field(s) in fields_]
             terms.append((term, float(weight), what + "".join(f"; scheduled: {s}" for s in scheduled)))
     return terms
+
+
+def _configured(args: Any, field: str) -> Any:
+    """`args.<field>` as configured: a scheduled field's schedule start value, not the value the schedule callback
+    left in `args` after the last step (the card is written after training)."""
+    for entry in getattr(args, "schedules", None) or []:
+        if _scheduled_field(entry) == field:
+            from .schedules import parse_schedule
+
+            return parse_schedule(entry).start
+    return getattr(args, field, None)
+
+
+def _describe_schedule(entry: Any) -> str:
+    from .schedules import parse_schedule
+
+    s = parse_schedule(entry)
+    steps = f"steps {s.start_step}-{s.end_step if s.end_step is not None else 'end'}"
+    return f"{s.field} {s.start:g} -> {s.end:g} ({s.kind}, {steps})"
 
 
 def _scheduled_field(entry: Any) -> str | None:

@@ -227,9 +227,11 @@ def test_the_card_states_the_divergence_and_its_parameter(tmp_path, settings, sa
         ({"teacher_noise_std": 0.5, "teacher_noise_fraction": 0.25}, "logits",
          "noisy teacher: additive Gaussian noise of std 0.5 on the teacher's logits of 25% of the rows"),
         ({"schedules": [{"field": "temperature", "start": 4.0, "end": 1.0}]}, "logits",
-         "scheduled: {'field': 'temperature'"),
-        ({"relation_weight": 1.0, "schedules": ["field=relation_weight start=1 end=0.1"]}, "relation",
-         "scheduled: field=relation_weight start=1 end=0.1"),
+         "at temperature 4.0 between teacher and student logits"),
+        ({"schedules": [{"field": "temperature", "start": 4.0, "end": 1.0, "kind": "cosine"}]}, "logits",
+         "scheduled: temperature 4 -> 1 (cosine, steps 0-end)"),
+        ({"relation_weight": 1.0, "schedules": ["field=relation_weight start=1 end=0.1 start_step=5 end_step=9"]},
+         "relation", "scheduled: relation_weight 1 -> 0.1 (linear, steps 5-9)"),
     ],
 )  # fmt: skip
 def test_the_card_states_relations_noise_and_schedules(tmp_path, settings, term, says):
@@ -238,3 +240,21 @@ def test_the_card_states_relations_noise_and_schedules(tmp_path, settings, term,
     args = DistillationConfig(output_dir=str(tmp_path), logits_weight=0.5, **settings)
     (what,) = [what for name, _, what in loss_terms(args) if name == term]
     assert says in what
+
+
+def test_the_card_states_a_scheduled_weight_and_temperature_as_configured_not_as_the_last_step_left_them(tmp_path):
+    """The card is written after training, when the schedule callback has set args to the schedule's end values."""
+    from transformers import TrainerControl, TrainerState
+
+    from hf_distill.hub import loss_terms
+    from hf_distill.schedules import TermSchedules, parse_schedules
+
+    schedules = ["field=logits_weight start=0.8 end=0.3 kind=cosine", "field=temperature start=4 end=1"]
+    args = DistillationConfig(output_dir=str(tmp_path), logits_weight=0.8, temperature=4.0, schedules=schedules)
+    state = TrainerState(global_step=100, max_steps=100)
+    TermSchedules(parse_schedules(args.schedules, args)).on_step_begin(args, state, TrainerControl())
+    assert args.logits_weight == pytest.approx(0.3) and args.temperature == pytest.approx(1.0)  # the last step's
+    (logits,) = [(weight, what) for name, weight, what in loss_terms(args) if name == "logits"]
+    assert logits[0] == 0.8 and "at temperature 4.0 between" in logits[1]
+    assert "scheduled: logits_weight 0.8 -> 0.3 (cosine, steps 0-end)" in logits[1]
+    assert "scheduled: temperature 4 -> 1 (linear, steps 0-end)" in logits[1]
