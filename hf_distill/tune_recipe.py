@@ -143,6 +143,13 @@ def tuned_recipe_text(result: TuneResult, *, recipe_path: str | None, overrides:
     return _header(result, recipe_path, target_root, command) + "\n" + body
 
 
+def _repeats(complete: list[dict]) -> str:
+    """`"; N distinct points"` when some complete trials tried the same values as another (a study continued by an
+    hf-distill before 2026-12-02 replayed its sampler's first draws), else `""`."""
+    distinct = {tuple(sorted(t["params"].items())) for t in complete}
+    return f"; {len(distinct)} distinct points" if len(distinct) < len(complete) else ""
+
+
 def _header(result: TuneResult, recipe_path: str | None, target_root: Path, command: str) -> str:
     settings, best, validation = result.settings, result.best, result.validation
     run = settings["run"]
@@ -156,7 +163,8 @@ def _header(result: TuneResult, recipe_path: str | None, target_root: Path, comm
         alpha = "; alpha = logits_weight / (task_weight + logits_weight), their sum kept"
     paragraphs = [
         f"Tuned by scripts/tune.py from {source}. Search: {', '.join(settings['search_space'])}{alpha}.",
-        f"{len(complete)} complete trials ({len(result.trials)} run), optuna sampler {settings['sampler']}, selected "
+        f"{len(complete)} complete trials ({len(result.trials)} run{_repeats(complete)}), optuna sampler "
+        f"{settings['sampler']}, selected "
         f"on {settings['metric']} ({settings['direction']}) of a validation slice of {validation['validation_rows']} "
         f"labelled training rows (validation_seed {validation['validation_seed']}), held out of the "
         f"{rows['labelled']} labelled + {rows['unlabelled']} unlabelled rows each trial trained on; the dev split "
