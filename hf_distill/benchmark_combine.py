@@ -59,6 +59,11 @@ def _bits(row: dict[str, Any], where: str) -> dict[str, np.ndarray]:
     return {s: np.frombuffer(b.encode(), dtype=np.uint8) == ord("1") for s, b in row["dev_correct"].items()}
 
 
+def _is_teacher(row: dict[str, Any]) -> bool:
+    """The teacher's row, or an extra teacher's (`extra_teacher_seeds`: marked by `teacher_seed`)."""
+    return row["name"] == "teacher" or row.get("teacher_seed") is not None
+
+
 def combine_records(records: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
     """One record from `records`, parts of the same benchmark under disjoint student seeds (see the module doc).
 
@@ -95,22 +100,28 @@ def combine_records(records: list[dict[str, Any]], names: list[str] | None = Non
                 f"{name} has rows {[r['name'] for r in record['rows']]}, {first_name} has "
                 f"{[r['name'] for r in first['rows']]}."
             )
-        teacher, mine = _bits(first["rows"][0], first_name), _bits(record["rows"][0], name)
-        (t,), (m,) = teacher.values(), mine.values()
-        if t.shape != m.shape or (t != m).any():
-            n = "a different number of" if t.shape != m.shape else f"{int((t != m).sum())} of the"
-            raise ValueError(
-                f"the teacher of {name} differs from the teacher of {first_name}: its dev predictions differ on {n} "
-                "dev rows. The parts must share one teacher (same seed, data, code and threads), or their students "
-                "are not seeds of one experiment."
-            )
+        for k, row in enumerate(first["rows"]):
+            if not _is_teacher(row):
+                continue
+            teacher, mine = _bits(row, first_name), _bits(record["rows"][k], name)
+            (t,), (m,) = teacher.values(), mine.values()
+            if t.shape != m.shape or (t != m).any():
+                n = "a different number of" if t.shape != m.shape else f"{int((t != m).sum())} of the"
+                which = "teacher" if row["name"] == "teacher" else f"extra teacher {row['name']}"
+                raise ValueError(
+                    f"the {which} of {name} differs from the {which} of {first_name}: its dev predictions differ on "
+                    f"{n} dev rows. The parts must share their teachers (same seed, data, code and threads), or "
+                    "their students are not seeds of one experiment."
+                )
 
     rows, pooled = [], {}  # pooled: row name -> (seeds, dev rows) correctness, for the intervals
     baseline = first["config"]["baseline_name"]
     for k, row in enumerate(first["rows"]):
         parts = [record["rows"][k] for record in records]
         combined = dict(row)
-        if row["name"] != "teacher":
+        if _is_teacher(row) and row["name"] != "teacher":  # an extra teacher: one model, its interval as in a part
+            pooled[row["name"]] = np.stack(list(_bits(row, names[0]).values()))
+        if not _is_teacher(row):  # a teacher (the teacher, an extra teacher) is the same model in every part
             seeds, bits, accuracy = [], {}, {}
             for part, name in zip(parts, names):
                 part_bits = _bits(part, name)

@@ -74,6 +74,33 @@ def test_combined_record_pools_the_seeds_of_its_parts():
     assert parts[0]["rows"][1]["seeds"] == [42]  # the parts are left as they were
 
 
+def with_extra_teacher(seed: int) -> dict:
+    r = record(seed)
+    extra = row("teacher-seed43", 43, 0.85, 2.0)  # the same extra teacher in every part (its seed is fixed)
+    extra.update(seeds=None, teacher_seed=43)
+    r["rows"].insert(1, extra)
+    return r
+
+
+def test_an_extra_teacher_row_is_one_model_in_every_part_not_a_seed_to_pool():
+    parts = [with_extra_teacher(42), with_extra_teacher(43)]
+    rows = {r["name"]: r for r in combine_records(parts)["rows"]}
+    extra = parts[0]["rows"][1]
+    assert rows["teacher-seed43"]["dev_correct"] == extra["dev_correct"] and rows["teacher-seed43"]["seeds"] is None
+    assert rows["teacher-seed43"]["accuracy"] == extra["accuracy"] and "accuracy_std" not in rows["teacher-seed43"]
+    as_bits = np.array([c == "1" for c in extra["dev_correct"]["43"]])[None]
+    no_kd = np.stack(
+        [np.array([c == "1" for c in p["rows"][2]["dev_correct"][str(s)]]) for s, p in zip([42, 43], parts)]
+    )
+    assert rows["teacher-seed43"]["delta_ci95"] == list(paired_bootstrap(as_bits, no_kd, seed=42))
+    assert rows["kd"]["seeds"] == [42, 43]
+    # A part whose extra teacher predicts otherwise is refused like one whose teacher does.
+    other = with_extra_teacher(43)
+    other["rows"][1]["dev_correct"] = {"43": "0" * N}
+    with pytest.raises(ValueError, match=r"the extra teacher teacher-seed43 of part 1 differs .* dev rows"):
+        combine_records([with_extra_teacher(42), other])
+
+
 def changed(edit):
     parts = [record(42), record(43)]
     edit(parts[1])
