@@ -229,9 +229,9 @@ def loss_terms(args: Any) -> list[tuple[str, float, str]]:
     terms = []
     for term, what in described.items():
         weight = _configured(args, f"{term}_weight") or 0
-        if weight > 0:
-            fields_ = (f"{term}_weight", "temperature") if term == "logits" else (f"{term}_weight",)
-            scheduled = [_describe_schedule(s) for s in schedules if _scheduled_field(s) in fields_]
+        fields_ = (f"{term}_weight", "temperature") if term == "logits" else (f"{term}_weight",)
+        scheduled = [_describe_schedule(s) for s in schedules if _scheduled_field(s) in fields_]
+        if weight > 0 or any(_scheduled_field(s) == f"{term}_weight" for s in schedules):  # a weight from 0 up
             terms.append((term, float(weight), what + "".join(f"; scheduled: {s}" for s in scheduled)))
     return terms
 

@@ -258,3 +258,9 @@ def test_the_card_states_a_scheduled_weight_and_temperature_as_configured_not_as
     assert logits[0] == 0.8 and "at temperature 4.0 between" in logits[1]
     assert "scheduled: logits_weight 0.8 -> 0.3 (cosine, steps 0-end)" in logits[1]
     assert "scheduled: temperature 4 -> 1 (linear, steps 0-end)" in logits[1]
+    # A weight scheduled up from 0 (the EMA recipe's warm-up) is a term of the run all the same.
+    args = DistillationConfig(
+        output_dir=str(tmp_path), logits_weight=0.5, schedules=["field=logits_weight start=0 end=0.5 end_step=50"]
+    )
+    (logits,) = [(weight, what) for name, weight, what in loss_terms(args) if name == "logits"]
+    assert logits[0] == 0 and "scheduled: logits_weight 0 -> 0.5 (linear, steps 0-50)" in logits[1]
