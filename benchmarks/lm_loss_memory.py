@@ -250,6 +250,40 @@ def rel_diff(actual, expected) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
+def git_provenance() -> dict:
+    """The commit the measured code is at, and whether the tree had uncommitted changes."""
+
+    def git(*command: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def markdown_table(record: dict) -> str:
+    """The record as BENCHMARKS.md's table: per variant, peak memory and median time of loss + backward, their
+    ratios to plain, and the largest relative difference from plain of the loss and the gradients."""
+    variants, ratios, diffs = record["variants"], record["ratios"], record["max_rel_diff"]
+    lines = [
+        "| variant | peak memory, loss + backward (MiB) | × plain | median time (s) | × plain | "
+        "max rel. diff vs plain: loss / grad hidden / grad weight |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in variants.items():
+        memory = "1.000" if name == "plain" else f"{ratios[f'{name}_over_plain_memory']:.3f}"
+        seconds = "1.000" if name == "plain" else f"{ratios[f'{name}_over_plain_time']:.3f}"
+        d = diffs.get(name)
+        exact = "-" if d is None else " / ".join(f"{v:.1e}" for v in d.values())
+        lines.append(
+            f"| {name} | {row['peak_memory_mib']:,.1f} | {memory}× | {row['seconds']:.3f} | {seconds}× | {exact} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args._variant is not None:
@@ -312,7 +346,9 @@ def main(argv=None) -> dict:
             "exactness": max_diff <= TARGETS["max_rel_diff"],
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **git_provenance(),
     }
+    record["markdown"] = markdown_table(record)  # the table BENCHMARKS.md shows (its <!-- results --> block)
     write_text_atomic(args.out, json.dumps(record, indent=2) + "\n")
 
     sizes = (

@@ -234,6 +234,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 def record_table(record_path: str | os.PathLike) -> str:
     """The results table of a committed record, as `BENCHMARKS.md` shows it."""
     record = json.loads(Path(record_path).read_text(encoding="utf-8"))
+    if "markdown" in record:  # a benchmark script's record that carries its own table (benchmarks/lm_loss_memory.py)
+        return record["markdown"]
     if record.get("kind") == "lm":  # the LM benchmark's record: perplexities (hf_distill.lm_benchmark)
         from .lm_benchmark import format_lm_table
 

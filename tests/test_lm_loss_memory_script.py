@@ -46,3 +46,11 @@ def test_script_writes_a_complete_record_at_tiny_sizes(tmp_path):
     }  # fmt: skip
     assert record["meets_targets"]["exactness"] is True
     assert set(record["meets_targets"]) == {"memory", "time", "exactness"}
+    # The record carries the table BENCHMARKS.md shows, made from its own figures, and the commit it ran at.
+    from hf_distill.benchmark_report import record_table
+
+    table = record_table(out)
+    assert table == record["markdown"] and table.count("\n") == 5
+    fused = record["variants"]["fused"]
+    assert f"| fused | {fused['peak_memory_mib']:,.1f} | {record['ratios']['fused_over_plain_memory']:.3f}× |" in table
+    assert "| plain |" in table and "| 1.000× |" in table and "commit" in record
