@@ -499,6 +499,40 @@ def provenance() -> dict:
     }
 
 
+def markdown_table(record: dict) -> str:
+    """The record as BENCHMARKS.md's tables: the loss-equality checks, then (unless `--equality_only`) the two
+    trainers' median step time and peak memory side by side, and ours over TRL's."""
+    eq = record["equality"]
+    lines = [
+        "| check | max rel. diff |",
+        "|---|---|",
+        "| generalised JSD, TRL GKDTrainer vs ours / T², loss and gradient, every (beta, T) | "
+        f"{eq['max_rel_diff']:.1e} |",
+        f"| the same with num_items_in_batch | {eq['num_items_in_batch']['loss']:.1e} |",
+    ]
+    chunked = eq["distillation_trainer_chunked"]
+    if "max_rel_diff" in chunked:
+        lines.append(f"| TRL DistillationTrainer's chunked loss vs ours / T² | {chunked['max_rel_diff']:.1e} |")
+    if "trainers" in record:
+        f = record["first_step"]
+        lines.append(f"| first optimizer step: loss | {f['loss_rel_diff']:.1e} |")
+        lines.append(f"| first optimizer step: gradients (worst parameter) | {f['grad_max_rel_diff']:.1e} |")
+        lines += [
+            "",
+            "| trainer | median s / step | peak memory (MiB) | peak in forward + backward (MiB) |",
+            "|---|---|---|---|",
+        ]
+        for name, row in record["trainers"].items():
+            memory = f"{row['peak_memory_mib']:,.1f} | {row['peak_loss_backward_mib']:,.1f}"
+            lines.append(f"| {name} | {row['seconds']:.3f} | {memory} |")
+        r = record["ratios"]
+        lines.append(
+            f"| ours / TRL | {r['hf_distill_over_trl_time']:.3f}× | {r['hf_distill_over_trl_memory']:.3f}× | "
+            f"{r['hf_distill_over_trl_loss_backward_memory']:.3f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from hf_distill.files import write_text_atomic
@@ -555,6 +589,7 @@ def main(argv=None) -> dict:
             f" (forward + backward {r['hf_distill_over_trl_loss_backward_memory']:.3f}x)"
         )
     if args.write:
+        record["markdown"] = markdown_table(record)  # BENCHMARKS.md's <!-- results --> block is checked against it
         write_text_atomic(args.out, json.dumps(record, indent=2) + "\n")
         print(f"-> {args.out}")
     return record

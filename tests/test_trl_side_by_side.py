@@ -113,3 +113,10 @@ def test_script_at_a_tiny_size_writes_a_record_with_its_keys(tmp_path):
     assert set(record["ratios"]) == {
         "hf_distill_over_trl_time", "hf_distill_over_trl_memory", "hf_distill_over_trl_loss_backward_memory",
     }  # fmt: skip
+    # The record carries the tables BENCHMARKS.md shows, made from its own figures.
+    from hf_distill.benchmark_report import record_table
+
+    table = record_table(out)
+    assert table == record["markdown"] and "| ours / TRL |" in table
+    assert f"| hf_distill | {record['trainers']['hf_distill']['seconds']:.3f} |" in table
+    assert f"{record['ratios']['hf_distill_over_trl_time']:.3f}×" in table
