@@ -299,7 +299,7 @@ class BenchmarkConfig:
         from .export import check_opset
 
         listed, variants = self.deploy_rows, self.deploy_variants
-        students = [self.baseline_name, *self.rows, *self.chain_rows]
+        students = [self.baseline_name, *self.rows, *self.chain_rows, *self.mutual_rows]  # mutual: peer 0
         if isinstance(listed, str) or not isinstance(listed, list) or any(r not in students for r in listed):
             raise ValueError(
                 f"deploy_rows must list student rows of this benchmark ({students}) to export and quantise, got "

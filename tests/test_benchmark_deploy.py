@@ -44,6 +44,15 @@ def test_bad_deploy_config(override, message):
         load_benchmark_config(BENCHMARK, override)
 
 
+def test_deploy_rows_may_name_chain_and_mutual_rows():
+    """Their final model is a plain student too (a chain's last stage; a mutual-learning row's peer 0)."""
+    methods = os.path.join(REPO, "benchmarks", "sst2_minilm_l3_methods.yaml")
+    config = load_benchmark_config(methods, {"deploy_rows": ["dml", "ta_chain", "vanilla_kd"]})
+    assert config.deploy_rows == ["dml", "ta_chain", "vanilla_kd"]
+    with pytest.raises(ValueError, match=r"deploy_rows must list student rows of this benchmark \(.*'dml'"):
+        load_benchmark_config(methods, {"deploy_rows": ["dml_peer1"]})
+
+
 def test_deploy_needs_the_export_extra(monkeypatch):
     import builtins
 
