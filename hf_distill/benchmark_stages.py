@@ -105,7 +105,12 @@ class StageResult:
 
 
 def run_stage(
-    stage_dir: Path, spec: dict[str, Any], work: Callable[[Path], dict | None], *, cleanup=()
+    stage_dir: Path,
+    spec: dict[str, Any],
+    work: Callable[[Path], dict | None],
+    *,
+    cleanup=(),
+    remeasure: bool = False,
 ) -> StageResult:
     """Run `work(tmp_dir)` once for the stage `stage_dir`, or reuse the stage when it already finished.
 
@@ -113,6 +118,10 @@ def run_stage(
     exists only for a finished stage. Its `stage.json` holds `spec` and its fingerprint: a finished folder made with a
     different spec raises instead of being reused. The paths in `cleanup` (e.g. the stage's checkpoints) are removed
     after the rename. `work` may return extra JSON-able info to store, including a `status` ("trained", "resumed").
+
+    With `remeasure` (a measurement of other stages' models, e.g. the latency of every model, which trains nothing
+    and whose spec changes when a row is added), a finished folder of another spec is measured again instead: the
+    new folder replaces it only once the new measurement finished.
     """
     stage_dir = Path(stage_dir)
     name = str(stage_dir)
@@ -125,14 +134,18 @@ def run_stage(
                 "let the stage run again."
             )
         info = json.loads(marker.read_text(encoding="utf-8"))
-        if info.get("fingerprint") != fingerprint(spec):
+        if info.get("fingerprint") != fingerprint(spec) and remeasure:
+            print(f"[stage] {print_name}: made with other settings ({_spec_diff(info.get('spec', {}), spec)}), "
+                  "measured again")  # fmt: skip
+        elif info.get("fingerprint") != fingerprint(spec):
             raise ValueError(
                 f"{stage_dir} was made with other settings (differing: {_spec_diff(info.get('spec', {}), spec)}); "
                 "reusing it would mix two runs. Use another output_dir, or delete that folder and the ones "
                 "built from it."
             )
-        print(f"[stage] {print_name}: finished earlier, reused")
-        return StageResult(name, str(stage_dir), "reused", float(info.get("seconds", 0.0)), info)
+        else:
+            print(f"[stage] {print_name}: finished earlier, reused")
+            return StageResult(name, str(stage_dir), "reused", float(info.get("seconds", 0.0)), info)
 
     print(f"[stage] {print_name}: running")
     tmp = stage_dir.with_name(stage_dir.name + ".tmp")
@@ -143,7 +156,14 @@ def run_stage(
     info = {"spec": spec, "fingerprint": fingerprint(spec), "seconds": time.perf_counter() - start, **extra}
     info.setdefault("status", "done")
     (tmp / STAGE_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, stage_dir)
+    if stage_dir.exists():  # remeasure: the stale measurement goes only now that the new one is complete
+        stale = stage_dir.with_name(stage_dir.name + ".stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(stage_dir, stale)
+        os.replace(tmp, stage_dir)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, stage_dir)
     for path in cleanup:
         shutil.rmtree(path, ignore_errors=True)
     print(f"[stage] {print_name}: {info['status']} in {info['seconds']:.0f} s")

@@ -136,6 +136,33 @@ def test_run_stage_interrupted_leaves_no_folder(tmp_path):
     assert result.status == "done" and not (tmp_path / "x" / "half-written").exists()
 
 
+def test_a_measurement_stage_of_other_settings_is_measured_again_and_replaced_only_when_done(tmp_path):
+    """The latency stage (remeasure): adding a row changes its spec; it times every model again instead of refusing,
+    and an interrupted new measurement leaves the old one in place."""
+
+    def measure(value):
+        def work(tmp):
+            (tmp / "latency.json").write_text(value)
+
+        return work
+
+    run_stage(tmp_path / "lat", {"models": ["a"]}, measure("old"), remeasure=True)
+    assert run_stage(tmp_path / "lat", {"models": ["a"]}, measure("?"), remeasure=True).status == "reused"
+
+    def crash(tmp):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path / "lat", {"models": ["a", "b"]}, crash, remeasure=True)
+    assert (tmp_path / "lat" / "latency.json").read_text() == "old"
+    result = run_stage(tmp_path / "lat", {"models": ["a", "b"]}, measure("new"), remeasure=True)
+    assert result.status == "done" and (tmp_path / "lat" / "latency.json").read_text() == "new"
+    assert result.info["spec"] == {"models": ["a", "b"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lat"]  # no .tmp / .stale left
+    with pytest.raises(ValueError, match="other settings"):  # a training stage still refuses
+        run_stage(tmp_path / "lat", {"models": ["a"]}, measure("x"))
+
+
 def test_fingerprint_is_order_independent():
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
