@@ -346,6 +346,7 @@ def main(argv=None) -> dict:
             "exactness": max_diff <= TARGETS["max_rel_diff"],
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]]),
         **git_provenance(),
     }
     record["markdown"] = markdown_table(record)  # the table BENCHMARKS.md shows (its <!-- results --> block)

@@ -43,7 +43,10 @@ RESULT_KEYS = (
     "train_rows_unlabelled",
 )
 RECORD_FORMAT = 1
-BLOCK_RE = re.compile(r"(<!-- results: (?P<path>[^ ]+?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+# `<!-- results: PATH -->` shows the record's table; `<!-- results: PATH against=ROW -->` every row against ROW.
+BLOCK_RE = re.compile(
+    r"(<!-- results: (?P<path>[^ ]+?)(?: against=(?P<against>[^ ]+?))? -->\n)(?P<body>.*?)(<!-- /results -->)", re.S
+)
 BOOTSTRAP_RESAMPLES = 10_000
 
 
@@ -231,9 +234,43 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def record_table(record_path: str | os.PathLike) -> str:
-    """The results table of a committed record, as `BENCHMARKS.md` shows it."""
+def comparison_table(rows: list[dict[str, Any]], against: str, seed: int = 0) -> str:
+    """Markdown table of every student row against the row `against` (e.g. plain KD in a table of methods): points
+    of dev accuracy over it and their 95% paired bootstrap interval (`paired_bootstrap`, seeds pooled), from the
+    rows' per-dev-row correctness. Teachers are left out."""
+    by_name = {r["name"]: r for r in rows}
+    if against not in by_name:
+        raise ValueError(f"against={against!r} is not a row of this record; its rows are {list(by_name)}.")
+
+    def correct(row: dict[str, Any]) -> np.ndarray:
+        if not row.get("dev_correct"):
+            raise ValueError(f"row {row['name']!r} has no dev_correct (per-dev-row correctness) to compare.")
+        return np.stack([np.frombuffer(b.encode(), dtype=np.uint8) == ord("1") for b in row["dev_correct"].values()])
+
+    reference = correct(by_name[against])
+    lines = [
+        f"| model | recipe stages | dev acc (%) | vs {against} (pts) | 95% CI vs {against} | train steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["name"] == "teacher" or r.get("teacher_seed") is not None:
+            continue
+        mine = correct(r)
+        delta = 100 * (mine.mean() - reference.mean())
+        low, high = (None, None) if r["name"] == against else paired_bootstrap(mine, reference, seed=seed)
+        ci = "-" if low is None else f"[{low:+.2f}, {high:+.2f}]"
+        steps = "-" if r.get("train_steps") is None else str(r["train_steps"])
+        recipes = " → ".join(r.get("recipes") or []) or "-"
+        lines.append(f"| {r['name']} | {recipes} | {100 * r['accuracy']:.2f} | {delta:+.2f} | {ci} | {steps} |")
+    return "\n".join(lines) + "\n"
+
+
+def record_table(record_path: str | os.PathLike, against: str | None = None) -> str:
+    """The results table of a committed record, as `BENCHMARKS.md` shows it; with `against`, its rows' comparison
+    with that row (`comparison_table`)."""
     record = json.loads(Path(record_path).read_text(encoding="utf-8"))
+    if against is not None:
+        return comparison_table(record["rows"], against, seed=record.get("config", {}).get("seed", 0))
     if "markdown" in record:  # a benchmark script's record that carries its own table (benchmarks/lm_loss_memory.py)
         return record["markdown"]
     if record.get("kind") == "lm":  # the LM benchmark's record: perplexities (hf_distill.lm_benchmark)
@@ -253,7 +290,7 @@ def update_results_blocks(markdown: str, root: str | os.PathLike) -> str:
         path = root / match["path"]
         if not path.is_file():
             raise FileNotFoundError(f"BENCHMARKS.md names {match['path']}, which does not exist under {root}.")
-        return match.group(1) + record_table(path) + match.group(4)
+        return match.group(1) + record_table(path, match["against"]) + match.group(5)
 
     return BLOCK_RE.sub(render, markdown)
 
@@ -261,7 +298,9 @@ def update_results_blocks(markdown: str, root: str | os.PathLike) -> str:
 def stale_results_blocks(markdown: str, root: str | os.PathLike) -> list[str]:
     """The record paths whose block in `markdown` differs from the table the record gives (empty: all up to date)."""
     root = Path(root)
-    return [m["path"] for m in BLOCK_RE.finditer(markdown) if m["body"] != record_table(root / m["path"])]
+    return [
+        m["path"] for m in BLOCK_RE.finditer(markdown) if m["body"] != record_table(root / m["path"], m["against"])
+    ]
 
 
 def budget_text(results: dict[str, Any]) -> str:

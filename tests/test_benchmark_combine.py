@@ -179,3 +179,25 @@ def test_a_key_an_older_part_lacks_counts_as_its_default():
     new["config"].update(augment_n_per_row=4, augment_top_k=15, student_init_from="teacher", general_rows=[])
     combined = combine_records([old, new])
     assert combined["budget"]["student_seeds"] == [42, 43]
+
+
+def test_a_comparison_block_shows_every_student_row_against_one_row(tmp_path):
+    """`<!-- results: PATH against=kd -->`: points over the row `kd` and their paired interval, from dev_correct."""
+    from hf_distill.benchmark_report import comparison_table, stale_results_blocks, update_results_blocks
+
+    r = record(42)
+    (tmp_path / "r.json").write_text(json.dumps(r))
+    table = comparison_table(r["rows"], "kd", seed=42)
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines()[2:]}
+    assert list(rows) == ["no_kd", "kd"]  # the teacher is left out
+    as_bits = {x["name"]: np.array([c == "1" for c in x["dev_correct"]["42"]])[None] for x in r["rows"]}
+    delta = 100 * (as_bits["no_kd"].mean() - as_bits["kd"].mean())
+    low, high = paired_bootstrap(as_bits["no_kd"], as_bits["kd"], seed=42)
+    assert f"| {delta:+.2f} | [{low:+.2f}, {high:+.2f}] | 4 |" in rows["no_kd"]
+    assert "| +0.00 | - | 4 |" in rows["kd"]
+    doc = "<!-- results: r.json against=kd -->\nold\n<!-- /results -->\n"
+    fresh = update_results_blocks(doc, tmp_path)
+    assert fresh == f"<!-- results: r.json against=kd -->\n{table}<!-- /results -->\n"
+    assert stale_results_blocks(doc, tmp_path) == ["r.json"] and stale_results_blocks(fresh, tmp_path) == []
+    with pytest.raises(ValueError, match=r"against='vanilla' is not a row of this record"):
+        comparison_table(r["rows"], "vanilla")
