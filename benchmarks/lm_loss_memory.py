@@ -294,6 +294,7 @@ def main(argv=None) -> dict:
     table, _, _, write_text_atomic = import_losses_without_the_package_init()
     if args.divergence not in table:
         raise SystemExit(f"--divergence must be one of {sorted(table)}, got {args.divergence!r}.")
+    started = git_provenance()  # the code as it was when the measurement started
     forwarded = [item for key in CONFIG_FLAGS for item in (f"--{key}", str(getattr(args, key)))]
     results = {}
     with tempfile.TemporaryDirectory(prefix="lm_loss_memory.") as tmp:
@@ -347,7 +348,7 @@ def main(argv=None) -> dict:
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]]),
-        **git_provenance(),
+        **started,
     }
     record["markdown"] = markdown_table(record)  # the table BENCHMARKS.md shows (its <!-- results --> block)
     write_text_atomic(args.out, json.dumps(record, indent=2) + "\n")
