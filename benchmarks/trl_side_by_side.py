@@ -8,9 +8,8 @@ The real run, on a quiet machine (nothing else on the CPU), from the repository 
 
     OMP_NUM_THREADS=2 python benchmarks/trl_side_by_side.py --smollm2 --batch 4 --seq_len 512 --repeats 5 --write
 
-Estimated from small runs (not yet measured at this size): about 10 GB for the process (at its peak TRL's loss holds
-about 17 fp32 (tokens x vocabulary) tensors of 0.4 GB each here, ours about 12) and some tens of seconds per step,
-16 steps in all. `--smollm2` takes SmolLM2-135M (30 layers, vocabulary 49,152;
+Measured at that size (2026-12-02, BENCHMARKS.md "Side by side with TRL"): about 8 GB at TRL's step's peak, 6 GB at
+ours, 25-30 s a step on 2 cores, 8 minutes in all. `--smollm2` takes SmolLM2-135M (30 layers, vocabulary 49,152;
 `../shared/tools/offline_models.py smollm2`) as the teacher and 15 of its layers, evenly spaced with the first and
 the last (`make_student`'s default), as the student; without it both are small Llamas built here.
 Nothing is written unless `--write` is given; then the record goes atomically to
