@@ -206,7 +206,14 @@ def _sampler(tune: TuneConfig):
             super().before_trial(study, trial)
 
     PerTrialSeeded.__name__ = PerTrialSeeded.__qualname__ = f"PerTrialSeeded{base.__name__}"
-    return PerTrialSeeded(seed=seed)
+    sampler = PerTrialSeeded(seed=seed)
+    if not hasattr(getattr(sampler, "_rng", None), "rng"):  # optuna's private RNG holder, present in optuna 5
+        raise RuntimeError(
+            f"optuna {optuna.__version__}'s {base.__name__} keeps its random state elsewhere than optuna 5 did, so "
+            "hf-distill cannot seed it per trial (a continued study would repeat its earlier trials). Install "
+            "optuna 5 (pip install 'optuna>=5,<6')."
+        )
+    return sampler
 
 
 def _trial_record(trial) -> dict[str, Any]:
