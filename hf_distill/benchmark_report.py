@@ -240,7 +240,9 @@ def comparison_table(rows: list[dict[str, Any]], against: str, seed: int = 0) ->
     rows' per-dev-row correctness. Teachers are left out."""
     by_name = {r["name"]: r for r in rows}
     if against not in by_name:
-        raise ValueError(f"against={against!r} is not a row of this record; its rows are {list(by_name)}.")
+        raise ValueError(
+            f"against={against!r} is not a row of this record; its rows are {list(by_name)}. Use one of them."
+        )
 
     def correct(row: dict[str, Any]) -> np.ndarray:
         if not row.get("dev_correct"):

@@ -235,6 +235,18 @@ class LMBenchmark:
         self.stages.append(run_stage(self.out / "student_init", spec, work))
         return spec
 
+    def _on_policy(self, name: str, recipe_path: str, training: dict[str, Any]) -> bool:
+        """Whether the row's recipe is on-policy (`lmbda` / `seq_kd`); refused when there are no prompts for it."""
+        if not (training.get("lmbda", 0) > 0 or training.get("seq_kd")):
+            return False
+        if self.config.prompt_tokens is None:
+            raise ValueError(
+                f"row {name!r} is on-policy (its recipe {recipe_path} sets lmbda / seq_kd), which continues each "
+                "training block's prompt, but prompt_tokens is not set. Set prompt_tokens in the benchmark config "
+                f"(e.g. 32 of block_size={self.config.block_size}: the completion is the rest)."
+            )
+        return True
+
     def row_stage(self, name: str, recipe_path: str, init_spec: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
         c = self.config
         training = recipe_training_args(self._path(recipe_path), LM_OWNED_KEYS)
@@ -250,13 +262,7 @@ class LMBenchmark:
             **self._data_spec(),
         }
         train = self.blocks["train"]
-        if training.get("lmbda", 0) > 0 or training.get("seq_kd"):
-            if c.prompt_tokens is None:
-                raise ValueError(
-                    f"row {name!r} is on-policy (its recipe {recipe_path} sets lmbda / seq_kd), which continues each "
-                    "training block's prompt, but prompt_tokens is not set. Set prompt_tokens in the benchmark "
-                    f"config (e.g. 32 of block_size={c.block_size}: the completion is the rest)."
-                )
+        if self._on_policy(name, recipe_path, training):
             spec["prompt_tokens"] = c.prompt_tokens  # only here: the other rows' specs do not change with it
             train = prompted_blocks(train, c.prompt_tokens)
         stage_dir = self.out / "rows" / name
@@ -298,9 +304,11 @@ class LMBenchmark:
 
     def run(self) -> dict[str, Any]:
         c = self.config
+        rows = {c.baseline_name: c.baseline_recipe, **c.rows}
+        for name, recipe in rows.items():  # every row's recipe is read and checked before any stage runs
+            self._on_policy(name, recipe, recipe_training_args(self._path(recipe), LM_OWNED_KEYS))
         self.out.mkdir(parents=True, exist_ok=True)
         init_spec = self.student_init_stage()
-        rows = {c.baseline_name: c.baseline_recipe, **c.rows}
         trained = {name: self.row_stage(name, recipe, init_spec) for name, recipe in rows.items()}
         teacher_spec = {"teacher": c.teacher_model_name_or_path}
         results_rows = [

@@ -187,3 +187,27 @@ def given_student(tmp: Path, **kw) -> str:
     path = tmp / "given_student"
     student(**kw).save_pretrained(path)
     return str(path)
+
+
+def lm_benchmark(tmp: Path, row_recipe: dict | None = None, **overrides):
+    """Run the LM benchmark on a config of files in `tmp` (the failures wanted come before any model is loaded)."""
+    import yaml
+
+    from hf_distill.lm_benchmark import LMBenchmarkConfig, run_lm_benchmark
+
+    (tmp / "corpus.txt").write_text("one review\n\nanother review\n")
+    (tmp / "finetune.yaml").write_text(yaml.safe_dump({"task_weight": 1.0, "logits_weight": 0.0}))
+    (tmp / "row.yaml").write_text(yaml.safe_dump(row_recipe or {"task_weight": 0.0, "logits_weight": 1.0}))
+    values = dict(kind="lm", output_dir=str(tmp / "bench"), teacher_model_name_or_path=str(tmp / "teacher"),
+                  train_source=str(tmp / "corpus.txt"), eval_fraction=0.5, max_steps=2,
+                  baseline_recipe=str(tmp / "finetune.yaml"), rows={"row": str(tmp / "row.yaml")})  # fmt: skip
+    return run_lm_benchmark(LMBenchmarkConfig(**{**values, **overrides}), root=tmp)
+
+
+def comparison(tmp: Path, against: str):
+    """BENCHMARKS.md's `<!-- results: PATH against=ROW -->` block of a record with rows teacher, no_kd, kd."""
+    from hf_distill.benchmark_report import record_table
+
+    rows = [{"name": n, "accuracy": 0.5, "dev_correct": {"42": "01"}} for n in ("teacher", "no_kd", "kd")]
+    (tmp / "record.json").write_text(json.dumps({"rows": rows, "config": {"seed": 42}}))
+    return record_table(tmp / "record.json", against=against)

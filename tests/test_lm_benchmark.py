@@ -167,8 +167,8 @@ def test_an_on_policy_row_continues_prompts_of_prompt_tokens_and_leaves_the_othe
     # Refused before any training when the row has no prompts to continue.
     rows = {**plain["rows"], "gkd": str(tmp_path / "gkd.yaml")}
     with pytest.raises(ValueError, match=r"row 'gkd' is on-policy .* but prompt_tokens is not set"):
-        run_lm_benchmark(LMBenchmarkConfig(**{**plain, "rows": rows}), root=REPO)
-    assert not (tmp_path / "out" / "rows" / "gkd").exists()
+        run_lm_benchmark(LMBenchmarkConfig(**{**plain, "rows": rows, "output_dir": str(tmp_path / "new")}), root=REPO)
+    assert not (tmp_path / "new").exists()  # refused before any stage, the student init included
 
     seen = []
     original = hf_distill.on_policy.split_prompts
