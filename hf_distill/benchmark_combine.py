@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from .benchmark_report import RECORD_FORMAT, add_relative_metrics, paired_bootstrap
+from .benchmark_report import (
+    RECORD_FORMAT,
+    add_relative_metrics,
+    correct_by_seed,
+    is_teacher_row,
+    paired_bootstrap,
+)
 
 # Fields that may differ between the parts of one benchmark: the seeds each part trained and where it was written.
 PER_PART_CONFIG = ("student_seeds", "results_file")
@@ -56,12 +62,7 @@ def _bits(row: dict[str, Any], where: str) -> dict[str, np.ndarray]:
             f"{where}: row {row['name']!r} has no dev_correct (per-dev-row correctness), so its seeds cannot be "
             "pooled; rerun that part with the current code."
         )
-    return {s: np.frombuffer(b.encode(), dtype=np.uint8) == ord("1") for s, b in row["dev_correct"].items()}
-
-
-def _is_teacher(row: dict[str, Any]) -> bool:
-    """The teacher's row, or an extra teacher's (`extra_teacher_seeds`: marked by `teacher_seed`)."""
-    return row["name"] == "teacher" or row.get("teacher_seed") is not None
+    return correct_by_seed(row)
 
 
 def combine_records(records: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
@@ -101,7 +102,7 @@ def combine_records(records: list[dict[str, Any]], names: list[str] | None = Non
                 f"{[r['name'] for r in first['rows']]}."
             )
         for k, row in enumerate(first["rows"]):
-            if not _is_teacher(row):
+            if not is_teacher_row(row):
                 continue
             teacher, mine = _bits(row, first_name), _bits(record["rows"][k], name)
             (t,), (m,) = teacher.values(), mine.values()
@@ -119,9 +120,9 @@ def combine_records(records: list[dict[str, Any]], names: list[str] | None = Non
     for k, row in enumerate(first["rows"]):
         parts = [record["rows"][k] for record in records]
         combined = dict(row)
-        if _is_teacher(row) and row["name"] != "teacher":  # an extra teacher: one model, its interval as in a part
+        if is_teacher_row(row) and row["name"] != "teacher":  # an extra teacher: one model, its interval as in a part
             pooled[row["name"]] = np.stack(list(_bits(row, names[0]).values()))
-        if not _is_teacher(row):  # a teacher (the teacher, an extra teacher) is the same model in every part
+        if not is_teacher_row(row):  # a teacher (the teacher, an extra teacher) is the same model in every part
             seeds, bits, accuracy = [], {}, {}
             for part, name in zip(parts, names):
                 part_bits = _bits(part, name)

@@ -234,6 +234,16 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def is_teacher_row(row: dict[str, Any]) -> bool:
+    """The teacher's row, or an extra teacher's (`extra_teacher_seeds`: marked by `teacher_seed`)."""
+    return row["name"] == "teacher" or row.get("teacher_seed") is not None
+
+
+def correct_by_seed(row: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A row's `dev_correct` ("1" / "0" per dev row, per training seed) as boolean arrays, seed -> `(N,)`."""
+    return {s: np.frombuffer(b.encode(), dtype=np.uint8) == ord("1") for s, b in row["dev_correct"].items()}
+
+
 def comparison_table(rows: list[dict[str, Any]], against: str, seed: int = 0) -> str:
     """Markdown table of every student row against the row `against` (e.g. plain KD in a table of methods): points
     of dev accuracy over it and their 95% paired bootstrap interval (`paired_bootstrap`, seeds pooled), from the
@@ -247,7 +257,7 @@ def comparison_table(rows: list[dict[str, Any]], against: str, seed: int = 0) ->
     def correct(row: dict[str, Any]) -> np.ndarray:
         if not row.get("dev_correct"):
             raise ValueError(f"row {row['name']!r} has no dev_correct (per-dev-row correctness) to compare.")
-        return np.stack([np.frombuffer(b.encode(), dtype=np.uint8) == ord("1") for b in row["dev_correct"].values()])
+        return np.stack(list(correct_by_seed(row).values()))
 
     reference = correct(by_name[against])
     lines = [
@@ -255,7 +265,7 @@ def comparison_table(rows: list[dict[str, Any]], against: str, seed: int = 0) ->
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["name"] == "teacher" or r.get("teacher_seed") is not None:
+        if is_teacher_row(r):
             continue
         mine = correct(r)
         delta = 100 * (mine.mean() - reference.mean())
