@@ -22,6 +22,7 @@ from ..features import forward_with_features
 from ..losses.sparse import sparse_teacher_distribution
 from .collators import check_rows_in_place, labels_reach_teacher, probe_collator, teacher_view
 from .fingerprint import data_digest, resolve_padding_side, teacher_cache_fingerprint, teacher_input_columns
+from .formatting import FORMAT_TYPE
 from .spec import (
     ARROW_NAME,
     ATTENTION,
@@ -347,6 +348,9 @@ def load_teacher_cache(path: str | os.PathLike) -> TeacherCache:
 def attach_teacher_cache(dataset: Dataset, cache: TeacherCache, verify: bool = True) -> Dataset:
     """`dataset` with the cache's columns added, row by row; the cache columns are formatted as torch tensors.
 
+    The formatting is `datasets`' torch formatting, read a batch at a time (`hf_distill.cache.formatting`, format type
+    `"hf_distill_torch"`): the same tensors, converted once per column instead of once per row.
+
     Args:
         dataset: the dataset the cache was built for.
         cache: from `build_teacher_cache` / `load_teacher_cache`.
@@ -369,7 +373,7 @@ def attach_teacher_cache(dataset: Dataset, cache: TeacherCache, verify: bool = T
     if clash:
         raise ValueError(f"the dataset already has teacher cache columns {clash}; attach a cache once.")
     data_format = dataset.format
-    if data_format["type"] not in (None, "torch"):
+    if data_format["type"] not in (None, "torch", FORMAT_TYPE):
         raise ValueError(
             f"the dataset is formatted as {data_format['type']!r}; the teacher cache needs python or torch "
             "formatting. Call dataset.reset_format() first."
@@ -377,6 +381,6 @@ def attach_teacher_cache(dataset: Dataset, cache: TeacherCache, verify: bool = T
     if dataset._indices is not None:  # column-wise concatenation needs both sides in physical row order
         dataset = dataset.flatten_indices()
     combined = concatenate_datasets([dataset.with_format(None), cache.dataset.with_format(None)], axis=1)
-    if data_format["type"] == "torch" and data_format["columns"] is None:
-        return combined.with_format("torch")
-    return combined.with_format("torch", columns=list(cache.layouts), output_all_columns=True)
+    if data_format["type"] in ("torch", FORMAT_TYPE) and data_format["columns"] is None:
+        return combined.with_format(FORMAT_TYPE)
+    return combined.with_format(FORMAT_TYPE, columns=list(cache.layouts), output_all_columns=True)
