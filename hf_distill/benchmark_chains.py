@@ -25,9 +25,14 @@ with the student shape of every other row, so a chain row differs from vanilla K
 
 Born-again here is the practical variant: each generation starts from `student_init/` (the teacher's layers), not
 from a random initialisation as in the paper, which for a pre-trained transformer would throw the pre-training away
-(`hf_distill.chain` offers `init: scratch` outside the benchmark). Generation 1 is then vanilla KD trained again (same
-start, teacher, recipe, steps, seed and data: the same weights), and the row's difference to vanilla KD is
-generation 2.
+(`hf_distill.chain` offers `init: scratch` outside the benchmark). Generation 1 is then vanilla KD, and the row's
+difference to vanilla KD is generation 2.
+
+Shared first stage. When a plain row of `rows` trains exactly what a chain's first stage (one without `num_layers`)
+would, the same single recipe from `student_init/` on the same rows (transfer set or not) for a whole row's steps
+under the same seed, the chain's stage 1 is that row's stage (`twin_row`): trained once, by whichever of the two
+comes first, and reused by the other, instead of training the same model twice (an hour a seed on the flagship).
+Its stage info names the row (`shared_with`) and carries its training time, which the chain row's train (s) includes.
 
 Budget. Every stage trains the steps of a whole plain row (`row_steps`), so a k-stage chain row costs k plain rows:
 each stage's steps are in the row's `stages` and its `train_steps` (the table's train steps column) is their sum.
@@ -200,6 +205,22 @@ class ChainStages:
                     raise ValueError(f"{where} ({stage['recipe']}): {e}") from None
                 depth, teacher = layers, f"the student of {where}"
 
+    def twin_row(self, recipe: str, transfer: bool) -> str | None:
+        """The plain row (of `rows`) that trains what a chain's first stage of `recipe`, without `num_layers`, would:
+        that recipe alone, from `student_init/`, taught by the benchmark's teacher, on the same rows (the transfer set
+        or not), for a whole row's steps, under the same seed. None when there is none."""
+        c = self.config
+        for name, recipes in c.rows.items():
+            same_recipe = len(recipes) == 1 and self._path(recipes[0]) == self._path(recipe)
+            same_rows = (name not in c.labelled_only_rows) == transfer
+            if same_recipe and same_rows and name not in c.general_rows and name not in c.chain_rows:
+                return name
+        return None
+
+    @staticmethod
+    def student_depth_of(model_dir) -> int:
+        return AutoConfig.from_pretrained(model_dir).num_hidden_layers
+
     def chain_recipes(self, exclude=()) -> dict[str, list[str]]:
         """Chain row name -> its stages' recipe files (rows in `exclude` left out)."""
         return {n: [s["recipe"] for s in stages] for n, stages in self.config.chain_rows.items() if n not in exclude}
@@ -219,6 +240,15 @@ class ChainStages:
         teacher_dir, teacher_fingerprint, teacher_name = self.teacher_dir, init_spec["teacher"], "teacher"
         stage_infos = []
         for k, stage in enumerate(stages, start=1):
+            twin = self.twin_row(stage["recipe"], transfer) if k == 1 and not stage["num_layers"] else None
+            if twin:  # that row's stage is this one: trained once (or reused), never twice
+                twin_dir, twin_spec, twin_infos = self.row_stages(twin, [stage["recipe"]], init_spec, transfer, seed)
+                stage_infos.append(
+                    {**twin_infos[0], "teacher": "teacher", "num_layers": self.student_depth_of(twin_dir)}
+                )
+                stage_infos[-1]["shared_with"] = twin
+                teacher_dir, teacher_fingerprint, teacher_name = str(twin_dir), fingerprint(twin_spec), twin
+                continue
             training = recipe_training_args(self._path(stage["recipe"]))
             cache = self.cache_args(training)  # keyed by the teacher's weights: this stage's teacher, its own cache
             stage_name = f"{k}-{Path(stage['recipe']).stem}"
@@ -272,7 +302,7 @@ class ChainStages:
                     "recipe": stage["recipe"],
                     "path": str(stage_dir),
                     "teacher": teacher_name,
-                    "num_layers": AutoConfig.from_pretrained(stage_dir).num_hidden_layers,
+                    "num_layers": self.student_depth_of(stage_dir),
                     "steps": result.info.get("global_step"),
                     "seconds": result.seconds,
                 }

@@ -15,6 +15,7 @@ from conftest import tiny_bert_config
 from safetensors.torch import load_file
 from transformers import AutoConfig, BertForSequenceClassification, Trainer
 
+import hf_distill.benchmark as benchmark_module
 import hf_distill.benchmark_chains as chains_module
 from hf_distill.benchmark import STAGE_FILE, Benchmark, load_benchmark_config, run_benchmark
 from hf_distill.losses import kl_div_loss
@@ -81,8 +82,8 @@ def bench_config(teacher_dir, out, **changes):
 
 
 class Recorded:
-    """What each chain stage's DistillationTrainer was given: its output folder, teacher, initial student weights,
-    and its first training batch."""
+    """What each row or chain stage's DistillationTrainer was given: its output folder, teacher, initial student
+    weights, and its first training batch."""
 
     def __init__(self):
         self.runs = []
@@ -116,7 +117,9 @@ class Recorded:
 def run_recorded(config, recorded: Recorded | None = None):
     recorded = recorded or Recorded()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(chains_module, "DistillationTrainer", recorded.trainer_class())
+        trainer_class = recorded.trainer_class()
+        mp.setattr(chains_module, "DistillationTrainer", trainer_class)
+        mp.setattr(benchmark_module, "DistillationTrainer", trainer_class)
         return run_benchmark(config, REPO), recorded
 
 
@@ -154,7 +157,10 @@ def test_chain_rows_are_rows_of_the_table(finished):
         # Every stage trains a whole row's steps, and the row's train steps are honestly their sum.
         assert [s["steps"] for s in row["stages"]] == [row_steps, row_steps]
         assert row["train_steps"] == 2 * row_steps
-        assert [s["teacher"] for s in row["stages"]] == ["teacher", "1-vanilla_kd"]
+        assert [s["teacher"] for s in row["stages"]] == [
+            "teacher",
+            {"ta_chain": "1-vanilla_kd"}.get(name, "vanilla_kd"),
+        ]
         assert [s["num_layers"] for s in row["stages"]] == depths
         assert row["recipes"] == ["vanilla_kd", "vanilla_kd"]
         # The row's model has the benchmark's student shape: the parameters of every other student row.
@@ -167,6 +173,14 @@ def test_chain_rows_are_rows_of_the_table(finished):
     for path in ("rows/ta_chain/1-vanilla_kd", "rows/ta_chain/2-vanilla_kd", "rows/born_again/2-vanilla_kd"):
         assert statuses[path] == "trained"
         assert not (out / f"{path}.checkpoints").exists()
+    # Born-again's generation 1 is the vanilla_kd row's stage (the same recipe, start, teacher, rows, steps and seed),
+    # trained once by that row and reused by the chain, its time counted in the chain row's too.
+    gen1 = rows["born_again"]["stages"][0]
+    assert gen1["shared_with"] == "vanilla_kd" and gen1["path"] == str(out / "rows" / "vanilla_kd" / "1-vanilla_kd")
+    assert gen1["seconds"] == rows["vanilla_kd"]["stages"][0]["seconds"] and gen1["steps"] == row_steps
+    assert not (out / "rows" / "born_again" / "1-vanilla_kd").exists()
+    assert [s["status"] for s in results["stages"] if s["path"] == gen1["path"]] == ["trained", "reused"]
+    assert "shared_with" not in rows["ta_chain"]["stages"][0]  # an assistant of its own depth: nothing to share
     assert results["budget"]["chain_stages"] == "every stage of a chain row trains a whole row's steps"
     table = (out / "results.md").read_text()
     assert "| ta_chain | vanilla_kd → vanilla_kd |" in table and "| born_again |" in table
@@ -188,13 +202,13 @@ def test_each_stage_is_taught_by_the_previous_stages_saved_model(finished, teach
         AutoConfig.from_pretrained(ta2).num_hidden_layers
         == AutoConfig.from_pretrained(out / "student_init").num_hidden_layers
     )
-    # Born-again: generation 2 starts from student_init again and is taught by generation 1.
-    gen1, gen2 = out / "rows" / "born_again" / "1-vanilla_kd", out / "rows" / "born_again" / "2-vanilla_kd"
+    # Born-again: generation 1 is the vanilla KD row's model (trained once, by that row, from student_init and the
+    # benchmark's teacher); generation 2 starts from student_init again and is taught by generation 1.
+    gen1, gen2 = out / "rows" / "vanilla_kd" / "1-vanilla_kd", out / "rows" / "born_again" / "2-vanilla_kd"
     assert_same_weights(recorded.of(gen1)["teacher"], weights(teacher_dir))
+    assert_same_weights(recorded.of(gen1)["student"], init)
     assert_same_weights(recorded.of(gen2)["teacher"], weights(gen1))
     assert_same_weights(recorded.of(gen2)["student"], init)
-    # Generation 1 is vanilla KD trained again: same start, teacher, recipe, steps and data, so the same weights.
-    assert_same_weights(weights(gen1), weights(out / "rows" / "vanilla_kd" / "1-vanilla_kd"))
 
 
 @end_to_end
