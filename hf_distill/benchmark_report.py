@@ -288,7 +288,7 @@ def record_table(record_path: str | os.PathLike, against: str | None = None) -> 
     if record.get("kind") == "lm":  # the LM benchmark's record: perplexities (hf_distill.lm_benchmark)
         from .lm_benchmark import format_lm_table
 
-        return format_lm_table(record["rows"]) + "\n"
+        return format_lm_table(record["rows"], record["config"]["baseline_name"]) + "\n"
     from .benchmark_deploy import deploy_markdown  # the deployment rows, when the run had deploy_rows
 
     return format_table(record["rows"]) + "\n" + deploy_markdown(record)

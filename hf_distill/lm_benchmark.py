@@ -30,13 +30,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from .benchmark_config import is_folder_name, read_config_file
-from .benchmark_report import git_state, results_record, write_json_atomic
+from .benchmark_report import BOOTSTRAP_RESAMPLES, git_state, results_record, write_json_atomic
 from .benchmark_stages import (
     BENCHMARK_OWNED_KEYS,
     METRICS_FILE,
@@ -167,18 +168,52 @@ def load_any_benchmark_config(path: str | os.PathLike, overrides: dict[str, Any]
     return (load_lm_benchmark_config if lm else load_benchmark_config)(path, overrides)
 
 
-def perplexity(model, blocks, batch_size: int) -> dict[str, float]:
-    """Held-out perplexity: exp of the mean next-token negative log-likelihood over every predicted token."""
+def perplexity(model, blocks, batch_size: int) -> dict[str, Any]:
+    """Held-out perplexity: exp of the mean next-token negative log-likelihood over every predicted token; with each
+    block's summed negative log-likelihood and its number of predicted tokens (`block_nll`, `block_tokens`), for the
+    interval of a difference between two models (`nll_difference_interval`)."""
     model.eval()
-    total, count = 0.0, 0
+    block_nll, block_tokens = [], []
     with torch.no_grad():
         for start in range(0, len(blocks), batch_size):
             batch = default_data_collator([blocks[i] for i in range(start, min(start + batch_size, len(blocks)))])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             targets = batch["labels"][:, 1:]
-            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
-    return {"perplexity": math.exp(total / count), "nll_per_token": total / count, "eval_tokens": count}
+            nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, L - 1), 0 at -100
+            block_nll += nll.sum(1).tolist()
+            block_tokens += (targets != -100).sum(1).tolist()
+    total, count = math.fsum(block_nll), sum(block_tokens)
+    return {"perplexity": math.exp(total / count), "nll_per_token": total / count, "eval_tokens": count,
+            "block_nll": block_nll, "block_tokens": block_tokens}  # fmt: skip
+
+
+def nll_difference_interval(
+    block_nll, block_tokens, baseline_block_nll, baseline_block_tokens, *, resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:  # fmt: skip
+    """95% paired bootstrap interval of `nll per token - the baseline's nll per token` over the held-out blocks.
+
+    Each resample draws the blocks with replacement and takes, on those blocks, each model's summed negative
+    log-likelihood over its summed predicted tokens; both models are scored on the same drawn blocks (paired), so the
+    interval is how much the difference could move with other held-out text of the same kind. A difference `d` in nll
+    per token is a perplexity ratio `exp(d)`. The 2.5th and 97.5th percentiles are returned.
+    """
+    nll, tokens = np.asarray(block_nll, dtype=np.float64), np.asarray(block_tokens, dtype=np.float64)
+    base_nll, base_tokens = np.asarray(baseline_block_nll, np.float64), np.asarray(baseline_block_tokens, np.float64)
+    if nll.shape != base_nll.shape or not np.array_equal(tokens, base_tokens):
+        raise ValueError(
+            f"the two models were scored on different blocks ({nll.shape[0]} vs {base_nll.shape[0]}, or other token "
+            "counts): evaluate both on the same held-out blocks."
+        )
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # chunks bound the (chunk, blocks) index matrix's memory
+        stop = min(start + 1000, resamples)
+        drawn = rng.integers(0, len(nll), size=(stop - start, len(nll)))
+        count = tokens[drawn].sum(1)
+        diffs[start:stop] = (nll[drawn].sum(1) - base_nll[drawn].sum(1)) / count
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(low), float(high)
 
 
 class LMBenchmark:
@@ -289,7 +324,7 @@ class LMBenchmark:
 
     def eval_stage(self, name: str, model_dir: str | Path, model_spec: dict[str, Any]) -> dict[str, Any]:
         spec = {"stage": f"eval/{name}", "model": fingerprint(model_spec), **self._data_spec(),
-                "eval_batch_size": self.config.eval_batch_size}  # fmt: skip
+                "eval_batch_size": self.config.eval_batch_size, "per_block": True}  # fmt: skip
 
         def work(tmp: Path) -> dict:
             model = self.teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(model_dir)
@@ -321,8 +356,13 @@ class LMBenchmark:
             results_rows.append({"name": name, "recipe": Path(info["recipe"]).stem, "train_steps": info["steps"],
                                  "train_seconds": info["seconds"], **metrics})  # fmt: skip
         teacher_ppl = results_rows[0]["perplexity"]
+        base = next(r for r in results_rows if r["name"] == c.baseline_name)
         for row in results_rows:
             row["perplexity_vs_teacher"] = row["perplexity"] / teacher_ppl
+            row["nll_vs_baseline"] = row["nll_per_token"] - base["nll_per_token"]
+            if row is not base:
+                args = (row["block_nll"], row["block_tokens"], base["block_nll"], base["block_tokens"])
+                row["nll_vs_baseline_ci95"] = list(nll_difference_interval(*args, seed=c.seed))
         results = {
             "benchmark": c.name,
             "kind": LM_KIND,
@@ -337,7 +377,8 @@ class LMBenchmark:
             "stages": [{"path": s.path, "status": s.status, "seconds": round(s.seconds, 1)} for s in self.stages],
         }  # fmt: skip
         (self.out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-        (self.out / "results.md").write_text(f"# LM benchmark `{c.name}`\n\n{format_lm_table(results_rows)}\n")
+        table = format_lm_table(results_rows, c.baseline_name)
+        (self.out / "results.md").write_text(f"# LM benchmark `{c.name}`\n\n{table}\n")
         results["paths"] = {"results_json": str(self.out / "results.json"), "results_md": str(self.out / "results.md")}
         return results
 
@@ -352,20 +393,27 @@ def prompted_blocks(blocks, prompt_tokens: int):
     return blocks.map(mask, batched=True, desc=f"prompts of {prompt_tokens} tokens")
 
 
-def format_lm_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of LM benchmark rows: held-out perplexity, its ratio to the teacher's, size and training."""
+def format_lm_table(rows: list[dict[str, Any]], baseline: str = "baseline") -> str:
+    """Markdown table of LM benchmark rows: held-out perplexity, its ratio to the teacher's, the nll difference to
+    the `baseline` row with its 95% paired bootstrap interval over the held-out blocks, size and training."""
 
     def num(value, pattern: str) -> str:
         return "-" if value is None else format(value, pattern)
 
+    def interval(row) -> str:
+        ci = row.get("nll_vs_baseline_ci95")
+        return "-" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
     lines = [
-        "| model | recipe | held-out perplexity | × teacher | nll / token | params (M) | train steps | train (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | recipe | held-out perplexity | × teacher | nll / token | vs {baseline} (nll / token) | 95% CI vs "
+        f"{baseline} | params (M) | train steps | train (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         params = None if r.get("params") is None else r["params"] / 1e6
         cells = [r["name"], r.get("recipe") or "-", num(r.get("perplexity"), ".2f"),
-                 num(r.get("perplexity_vs_teacher"), ".3f"), num(r.get("nll_per_token"), ".4f"), num(params, ".1f"),
+                 num(r.get("perplexity_vs_teacher"), ".3f"), num(r.get("nll_per_token"), ".4f"),
+                 num(r.get("nll_vs_baseline"), "+.4f"), interval(r), num(params, ".1f"),
                  num(r.get("train_steps"), "d"), num(r.get("train_seconds"), ".0f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

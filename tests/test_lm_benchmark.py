@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,6 +19,7 @@ from hf_distill.benchmark_report import record_table
 from hf_distill.lm_benchmark import (
     LMBenchmarkConfig,
     format_lm_table,
+    nll_difference_interval,
     perplexity,
     prompted_blocks,
     run_lm_benchmark,
@@ -82,6 +84,24 @@ def test_perplexity_is_exp_of_the_mean_token_nll(lm_tokenizer):
     assert got["eval_tokens"] == nll.numel()
     assert got["nll_per_token"] == pytest.approx(nll.mean().item(), rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert got["block_tokens"] == [ids.shape[1] - 1] * ids.shape[0]
+    assert got["block_nll"] == pytest.approx(nll.sum(1).tolist(), rel=1e-5)
+
+
+def test_the_nll_difference_interval_is_the_paired_bootstrap_of_ratios_of_sums():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 20, size=30)
+    base = rng.uniform(1.0, 3.0, size=30) * tokens
+    better = base - rng.uniform(0.0, 0.4, size=30) * tokens  # lower nll on every block
+    low, high = nll_difference_interval(better, tokens, base, tokens, resamples=2000, seed=7)
+    # The slow reference: the same draws, one resample at a time.
+    draws = np.random.default_rng(7).integers(0, 30, size=(2000, 30))
+    diffs = [(better[d].sum() - base[d].sum()) / tokens[d].sum() for d in draws]
+    assert (low, high) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])), rel=1e-12)
+    assert high < 0 and low < (better.sum() - base.sum()) / tokens.sum() < high
+    assert nll_difference_interval(base, tokens, base, tokens, resamples=100) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="scored on different blocks"):
+        nll_difference_interval(base[:5], tokens[:5], base, tokens)
 
 
 RECIPES = {
@@ -130,7 +150,14 @@ def test_lm_benchmark_rows_record_and_resume(lm_bench):
     # The record carries the kind, and BENCHMARKS.md's table of it is the LM table.
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["kind"] == "lm" and record["budget"]["max_steps"] == 3
-    assert record_table(tmp_path / "record.json") == format_lm_table(record["rows"]) + "\n"
+    assert record_table(tmp_path / "record.json") == format_lm_table(record["rows"], "lm_finetune") + "\n"
+    # Each row's nll difference to the baseline, with its paired bootstrap interval over the held-out blocks.
+    assert rows["lm_finetune"]["nll_vs_baseline"] == 0 and "nll_vs_baseline_ci95" not in rows["lm_finetune"]
+    for name in ("teacher", "student_init", "forward_kl", "cached_top4"):
+        row, (low, high) = rows[name], rows[name]["nll_vs_baseline_ci95"]
+        assert row["nll_vs_baseline"] == pytest.approx(row["nll_per_token"] - rows["lm_finetune"]["nll_per_token"])
+        assert low <= row["nll_vs_baseline"] <= high
+    assert "| vs lm_finetune (nll / token) | 95% CI vs lm_finetune |" in record_table(tmp_path / "record.json")
     assert "| forward_kl | forward_kl |" in record_table(tmp_path / "record.json")
     # A rerun reuses every stage; another budget is refused instead of mixed in.
     again = run_lm_benchmark(LMBenchmarkConfig(**values), root=REPO)
