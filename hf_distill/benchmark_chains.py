@@ -243,10 +243,8 @@ class ChainStages:
             twin = self.twin_row(stage["recipe"], transfer) if k == 1 and not stage["num_layers"] else None
             if twin:  # that row's stage is this one: trained once (or reused), never twice
                 twin_dir, twin_spec, twin_infos = self.row_stages(twin, [stage["recipe"]], init_spec, transfer, seed)
-                stage_infos.append(
-                    {**twin_infos[0], "teacher": "teacher", "num_layers": self.student_depth_of(twin_dir)}
-                )
-                stage_infos[-1]["shared_with"] = twin
+                depth = self.student_depth_of(twin_dir)
+                stage_infos.append({**twin_infos[0], "teacher": "teacher", "num_layers": depth, "shared_with": twin})
                 teacher_dir, teacher_fingerprint, teacher_name = str(twin_dir), fingerprint(twin_spec), twin
                 continue
             training = recipe_training_args(self._path(stage["recipe"]))

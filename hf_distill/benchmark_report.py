@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +139,22 @@ def paired_bootstrap(
     if a.shape != b.shape:
         raise ValueError(f"the two models were scored on different rows: {a.shape[0]} vs {b.shape[0]}.")
     diff = a - b
+    low, high = bootstrap_percentiles(lambda drawn: diff[drawn].mean(1), len(diff), resamples=resamples, seed=seed)
+    return 100 * low, 100 * high
+
+
+def bootstrap_percentiles(
+    statistic: Callable[[np.ndarray], np.ndarray], n: int, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of a bootstrap statistic: `resamples` draws of `n` indices with replacement
+    (seeded, so reproducible), `statistic` mapping a `(draws, n)` index matrix to one value per draw."""
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 1000):  # chunks bound the (chunk, N) index matrix's memory
+    values = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # chunks bound the (chunk, n) index matrix's memory
         stop = min(start + 1000, resamples)
-        means[start:stop] = diff[rng.integers(0, len(diff), size=(stop - start, len(diff)))].mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(100 * low), float(100 * high)
+        values[start:stop] = statistic(rng.integers(0, n, size=(stop - start, n)))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def git_state(root: str | os.PathLike) -> dict[str, Any]:

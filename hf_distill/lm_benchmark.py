@@ -37,7 +37,13 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from .benchmark_config import is_folder_name, read_config_file
-from .benchmark_report import BOOTSTRAP_RESAMPLES, git_state, results_record, write_json_atomic
+from .benchmark_report import (
+    BOOTSTRAP_RESAMPLES,
+    bootstrap_percentiles,
+    git_state,
+    results_record,
+    write_json_atomic,
+)
 from .benchmark_stages import (
     BENCHMARK_OWNED_KEYS,
     METRICS_FILE,
@@ -205,15 +211,11 @@ def nll_difference_interval(
             f"the two models were scored on different blocks ({nll.shape[0]} vs {base_nll.shape[0]}, or other token "
             "counts): evaluate both on the same held-out blocks."
         )
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(resamples)
-    for start in range(0, resamples, 1000):  # chunks bound the (chunk, blocks) index matrix's memory
-        stop = min(start + 1000, resamples)
-        drawn = rng.integers(0, len(nll), size=(stop - start, len(nll)))
-        count = tokens[drawn].sum(1)
-        diffs[start:stop] = (nll[drawn].sum(1) - base_nll[drawn].sum(1)) / count
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return float(low), float(high)
+
+    def difference(drawn: np.ndarray) -> np.ndarray:
+        return (nll[drawn].sum(1) - base_nll[drawn].sum(1)) / tokens[drawn].sum(1)
+
+    return bootstrap_percentiles(difference, len(nll), resamples=resamples, seed=seed)
 
 
 class LMBenchmark:
