@@ -646,3 +646,59 @@ def test_task_loss_of_a_window_without_labels_is_zero_not_nan(num_items):
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The weighted squared error under hidden_mse_loss and attention_mse_loss (its gradient is written out by hand)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _autograd_weighted_squared_error(student, teacher, weight, keep):
+    diff = student.float() - teacher.float()
+    if keep is not None:
+        diff = torch.where(keep, diff, 0.0)
+    return (diff.pow(2) * weight).sum()
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-keep", "keep"])
+@pytest.mark.parametrize(
+    "student_dtype, teacher_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.float16), (torch.bfloat16, torch.float32)],
+    ids=["fp32", "fp16-teacher", "bf16-student"],
+)
+def test_weighted_squared_error_matches_autograd_for_both_inputs(masked, student_dtype, teacher_dtype):
+    """Value and both gradients (a teacher that requires grad gets one, as a mutual-learning peer does) equal those
+    of the plain autograd expression, with a broadcast weight and keep mask; masked entries hold NaN."""
+    from hf_distill.losses.squared import weighted_squared_error
+
+    g = torch.Generator().manual_seed(30)
+    student = torch.randn(3, 2, 5, 5, generator=g).to(student_dtype)
+    teacher = torch.randn(3, 2, 5, 5, generator=g).to(teacher_dtype)
+    keep = (torch.rand(3, 1, 5, 5, generator=g) > 0.3) if masked else None
+    weight = torch.rand(3, 1, 5, 1, generator=g)
+    if masked:
+        student = student.masked_fill(~keep, math.nan)
+        teacher = teacher.masked_fill(~keep, math.inf)
+    grads = []
+    for fn in (weighted_squared_error, _autograd_weighted_squared_error):
+        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        value = fn(s, t, weight, keep)
+        value.backward()
+        grads.append((value.detach(), s.grad, t.grad))
+    (value, s_grad, t_grad), (ref_value, ref_s_grad, ref_t_grad) = grads
+    assert value.dtype == torch.float32 and s_grad.dtype == student_dtype and t_grad.dtype == teacher_dtype
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(s_grad, ref_s_grad)
+    torch.testing.assert_close(t_grad, ref_t_grad)
+    assert torch.isfinite(value) and torch.isfinite(s_grad).all() and torch.isfinite(t_grad).all()
+    if masked:
+        assert (s_grad[~keep.expand_as(s_grad)] == 0).all()
+
+
+def test_weighted_squared_error_takes_a_float_weight_and_refuses_shape_mismatch():
+    from hf_distill.losses.squared import weighted_squared_error
+
+    student, teacher = torch.ones(2, 3), torch.zeros(2, 3)
+    assert weighted_squared_error(student, teacher, 0.5).item() == 3.0
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
+        weighted_squared_error(student, torch.zeros(2, 4), 1.0)

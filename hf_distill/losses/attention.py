@@ -17,7 +17,8 @@ counted query tokens and divided by their number, or by ``num_items_in_batch`` w
 
 import torch
 
-from hf_distill.losses.logits import _check_mask, _reduce_per_position
+from hf_distill.losses.logits import _check_mask, _divide_by_count, _reduce_per_position
+from hf_distill.losses.squared import weighted_squared_error
 
 __all__ = ["attention_kl_loss", "attention_mse_loss"]
 
@@ -77,13 +78,16 @@ def attention_mse_loss(
         fp32 scalar: sum over counted query tokens / (number of counted tokens or ``num_items_in_batch``).
     """
     key_mask, query_mask = _check_attention(student_attn, teacher_attn, mask)
-    squared = (student_attn.float() - teacher_attn.float()).pow(2)
+    batch, heads, seq_len, _ = student_attn.shape
+    # Each counted (b, h, i, j) entry weighs 1 / (valid keys of row b * heads): the per-row mean over keys, then the
+    # mean over heads, summed over counted query tokens in one weighted sum (see hf_distill.losses.squared).
     if key_mask is None:
-        per_row = squared.mean(-1)
-    else:
-        num_keys = key_mask.sum(-1).clamp(min=1)  # (B, 1, 1); a row with no valid key is a masked query anyway
-        per_row = torch.where(key_mask, squared, 0.0).sum(-1) / num_keys
-    return _reduce_per_position(per_row.mean(1), query_mask, num_items_in_batch)
+        total = weighted_squared_error(student_attn, teacher_attn, 1.0 / max(seq_len * heads, 1))
+        return _divide_by_count(total, batch * seq_len, num_items_in_batch)
+    num_keys = key_mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1, 1, 1); a row with no valid key counts 0 anyway
+    keep = query_mask[:, None, :, None] & key_mask  # (B, 1, L, L): counted query rows x valid key columns
+    total = weighted_squared_error(student_attn, teacher_attn, keep / (num_keys * heads), keep)
+    return _divide_by_count(total, query_mask.sum(), num_items_in_batch)
 
 
 def attention_kl_loss(

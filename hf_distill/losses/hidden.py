@@ -16,7 +16,8 @@ Reduction: per-token values are summed over counted tokens and divided by the nu
 import torch
 import torch.nn.functional as F
 
-from hf_distill.losses.logits import _check_mask, _reduce_per_position
+from hf_distill.losses.logits import _check_mask, _divide_by_count, _reduce_per_position
+from hf_distill.losses.squared import weighted_squared_error
 
 __all__ = ["hidden_cosine_loss", "hidden_mse_loss"]
 
@@ -61,8 +62,13 @@ def hidden_mse_loss(
     """
     _check_hidden(student_hidden, teacher_hidden)
     mask = _check_mask(mask, student_hidden.shape[:-1], "hidden states")
-    per_token = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
-    return _reduce_per_position(per_token, mask, num_items_in_batch)
+    width = max(student_hidden.shape[-1], 1)
+    if mask is None:
+        total = weighted_squared_error(student_hidden, teacher_hidden, 1.0 / width)
+        return _divide_by_count(total, student_hidden.shape[:-1].numel(), num_items_in_batch)
+    keep = mask[..., None]  # (B, L, 1): each counted token's mean over H, summed (see hf_distill.losses.squared)
+    total = weighted_squared_error(student_hidden, teacher_hidden, keep / width, keep)
+    return _divide_by_count(total, mask.sum(), num_items_in_batch)
 
 
 def hidden_cosine_loss(

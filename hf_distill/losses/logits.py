@@ -67,6 +67,13 @@ def _reduce_per_position(
     else:
         total = torch.where(mask, per_position, 0.0).sum()
         count = mask.sum()
+    return _divide_by_count(total, count, num_items_in_batch)
+
+
+def _divide_by_count(
+    total: torch.Tensor, count: int | torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+) -> torch.Tensor:
+    """``total / count``, or ``total / num_items_in_batch`` when given; a denominator below 1 counts as 1."""
     denominator = count if num_items_in_batch is None else num_items_in_batch
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(device=total.device, dtype=torch.float32).clamp(min=1.0)
