@@ -329,6 +329,7 @@ class Benchmark(ChainStages, RowKindStages, DeployStages, EvaluationStages, Gene
         teacher_spec = self.teacher_stage()
         extra_teachers = self.extra_teacher_stages()  # teacher-seed<s>/ for each of extra_teacher_seeds
         init_spec = self.student_init_stage(teacher_spec)
+        student_layers = self.stages[-1].info.get("teacher_layers")  # the teacher layers student_init copies
         rows = {c.baseline_name: [c.baseline_recipe], **c.rows, **{n: [r] for n, r in c.mutual_rows.items()}}
         rows |= c.chain_rows  # row name -> its stages ({recipe, num_layers})
         labelled_only = {c.baseline_name, *c.labelled_only_rows, *c.mutual_rows}  # DML: labelled rows, like no-KD
@@ -415,6 +416,7 @@ class Benchmark(ChainStages, RowKindStages, DeployStages, EvaluationStages, Gene
             "budget": {
                 "train_rows": c.max_train_samples,
                 "steps_per_student_row": sum(s["steps"] or 0 for s in trained[c.baseline_name][2]),
+                "student_teacher_layers": student_layers,
                 "match_steps": c.match_steps,
                 "transfer_set": self.transfer_spec() or None,
                 "teacher_cache": c.teacher_cache,

@@ -306,6 +306,10 @@ def test_benchmark_end_to_end_resume_and_reuse(tmp_path, tiny_tokenizer, monkeyp
         assert 0 <= row["accuracy"] <= 1 and row["params"] > 0 and row["size_mb"] > 0
         assert row["latency_b1_ms"] > 0 and row["latency_b32_ms"] > 0 and row["speedup_b32"] > 0
     assert {r["train_steps"] for r in saved["rows"][1:]} == {6}  # same budget for every student row
+    # The record names the teacher layers the student was copied from: those of the saved student_init.
+    init_config = json.loads((out / "student_init" / "config.json").read_text())
+    assert saved["budget"]["student_teacher_layers"] == init_config["distillation_teacher_layers"]
+    assert len(saved["budget"]["student_teacher_layers"]) == 2
     assert saved["rows"][0]["accuracy_kept_pct"] == pytest.approx(100.0)
     assert [s["steps"] for s in saved["rows"][-1]["stages"]] == [3, 3]
     for path in saved["plots"].values():
