@@ -30,6 +30,7 @@ from hf_distill.losses import (
     logits_mse_loss,
     reverse_kl_div_loss,
 )
+from hf_distill.losses.squared import weighted_squared_error
 
 TINY = torch.finfo(torch.float32).tiny
 LN2 = math.log(2.0)
@@ -669,8 +670,6 @@ def _autograd_weighted_squared_error(student, teacher, weight, keep):
 def test_weighted_squared_error_matches_autograd_for_both_inputs(masked, student_dtype, teacher_dtype):
     """Value and both gradients (a teacher that requires grad gets one, as a mutual-learning peer does) equal those
     of the plain autograd expression, with a broadcast weight and keep mask; masked entries hold NaN."""
-    from hf_distill.losses.squared import weighted_squared_error
-
     g = torch.Generator().manual_seed(30)
     student = torch.randn(3, 2, 5, 5, generator=g).to(student_dtype)
     teacher = torch.randn(3, 2, 5, 5, generator=g).to(teacher_dtype)
@@ -696,8 +695,6 @@ def test_weighted_squared_error_matches_autograd_for_both_inputs(masked, student
 
 
 def test_weighted_squared_error_takes_a_float_weight_and_refuses_shape_mismatch():
-    from hf_distill.losses.squared import weighted_squared_error
-
     student, teacher = torch.ones(2, 3), torch.zeros(2, 3)
     assert weighted_squared_error(student, teacher, 0.5).item() == 3.0
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):

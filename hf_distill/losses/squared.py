@@ -1,13 +1,12 @@
 """One weighted sum of squared errors with its gradient written out: the core of the hidden-state and attention MSE.
 
-``hidden_mse_loss`` and ``attention_mse_loss`` are both ``sum(where(keep, s - t, 0) ** 2 * weight)`` divided by a count,
-with ``keep`` and ``weight`` broadcast from the token mask. Left to autograd, that expression keeps a squared copy, a
-masked copy and a per-row sum of tensors as large as the attention maps ``(B, heads, L, L)``, and its backward walks
-each of them again; at SST-2 lengths this was about half the time a cached distillation step spends beyond the student
-alone (`scripts/bench_speed.py`, configuration (e)). Written as one `torch.autograd.Function`, the forward makes the
-masked difference and the weighted difference (kept for the backward) and reduces them with one dot product, and the
-backward is one multiplication: ``d/ds = 2 * where(keep, s - t, 0) * weight`` (and its negative for ``t``). The values
-and gradients are those of the autograd expression (tests/test_losses.py checks them against it).
+``hidden_mse_loss`` and ``attention_mse_loss`` are both ``sum(where(keep, s - t, 0) ** 2 * weight)`` divided by a
+count, with ``keep`` and ``weight`` broadcast from the token mask. Left to autograd, that expression keeps a squared
+copy, a masked copy and a per-row sum of tensors as large as the attention maps ``(B, heads, L, L)``, and its backward
+walks each of them again. Written as one `torch.autograd.Function`, the forward makes the masked difference and the
+weighted difference (kept for the backward) and reduces them with one dot product, and the backward is one
+multiplication: ``d/ds = 2 * where(keep, s - t, 0) * weight`` (and its negative for ``t``). The values and gradients
+are those of the autograd expression (tests/test_losses.py checks them against it).
 """
 
 import torch
@@ -55,5 +54,7 @@ def weighted_squared_error(
             False count 0 whatever ``student`` and ``teacher`` hold there, NaN and inf included, and get 0 gradient.
     """
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape.")
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape."
+        )
     return _WeightedSquaredError.apply(student, teacher, weight, keep)
